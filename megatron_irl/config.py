@@ -1,0 +1,584 @@
+"""Configuration of a training run: one dataclass per concern, validated on construction.
+
+Every field carries its command-line flag and help text in its dataclass metadata; that
+metadata is the single table of flag names (``field_specs()``), used for error messages,
+``--help`` and the parser in ``megatron_irl.arguments``. A field documented as "unset:
+derived" is replaced by the derived value in ``__post_init__``, so a constructed config
+(and its ``to_dict()``, which checkpoints store) holds concrete values.
+
+Checks that need one section run in that section's ``__post_init__``; checks that relate
+sections run in ``TrainConfig.__post_init__``; checks that need the launch (world size,
+Transformer Engine, CUDA, input paths) run in ``TrainConfig.validate_for_world``. All of
+them raise ``ConfigError`` with a message that names the flag(s) to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+SECTIONS = ("model", "data", "parallel", "optimizer", "training", "irl", "checkpoint", "logging")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the flag, key or variable to change."""
+
+
+def _opt(default: Any, flag: str, help: str, *, inverse: bool = False) -> Any:
+    """A dataclass field with its command-line flag; ``inverse``: the flag sets it to False."""
+    return field(default=default, metadata={"flag": flag, "help": help, "inverse": inverse})
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One row of the flag table: where a value lives and how the command line names it."""
+
+    section: str
+    name: str
+    flag: str
+    help: str
+    inverse: bool  # a bool set to False by its flag (--disable-bias-linear)
+    type: Any  # the resolved annotation, e.g. int, float | None, Literal["a", "b"]
+    default: Any
+
+
+def close_match_hint(word: str, candidates: typing.Iterable[str]) -> str:
+    """'; did you mean X?' for the closest candidate (ignoring case), or '' when none is close."""
+    by_lowered = {candidate.lower(): candidate for candidate in candidates}
+    matches = difflib.get_close_matches(word.lower(), list(by_lowered), n=1)
+    return f"; did you mean {by_lowered[matches[0]]}?" if matches else ""
+
+
+def strip_optional(hint: Any) -> tuple[Any, bool]:
+    """(the annotation without None, whether None is allowed): int | None -> (int, True)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], len(args) < len(typing.get_args(hint))
+    return hint, False
+
+
+def describe_type(hint: Any) -> str:
+    """Human-readable annotation: 'int', 'float or null', "one of 'cosine', 'linear'"."""
+    base, optional = strip_optional(hint)
+    if typing.get_origin(base) is Literal:
+        text = "one of " + ", ".join(repr(c) for c in typing.get_args(base))
+    else:
+        text = base.__name__
+    return text + " or null" if optional else text
+
+
+def value_problem(hint: Any, value: Any) -> str | None:
+    """Why ``value`` does not fit annotation ``hint`` (None when it fits).
+
+    Strict on purpose: a bool is not an int, a string is not a number; an int is a float.
+    """
+    base, optional = strip_optional(hint)
+    if value is None:
+        return None if optional else f"expected {describe_type(hint)}, got null"
+    if typing.get_origin(base) is Literal:
+        choices = typing.get_args(base)
+        if any(type(value) is type(c) and value == c for c in choices):
+            return None
+        hint_text = close_match_hint(value, choices) if isinstance(value, str) else ""
+        return f"{value!r} is not {describe_type(hint)}{hint_text}"
+    fits = type(value) in (int, float) if base is float else type(value) is base
+    if fits:
+        return None
+    return f"expected {describe_type(hint)}, got {type(value).__name__} {value!r}"
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+class _Section:
+    """Base of the section dataclasses: type checks, then the section's own ``_validate``."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            problem = value_problem(_hints(type(self))[f.name], value)
+            if problem:
+                raise ConfigError(f"{self.flag(f.name)}: {problem}")
+            if type(value) is int and strip_optional(_hints(type(self))[f.name])[0] is float:
+                setattr(self, f.name, float(value))  # so that equal configs compare equal
+        self._validate()
+
+    def _validate(self) -> None:
+        """Checks between this section's fields; derives unset fields."""
+
+    def flag(self, name: str) -> str:
+        """This section's flag for field ``name``: flag("num_layers") -> "--num-layers"."""
+        return next(f.metadata["flag"] for f in dataclasses.fields(self) if f.name == name)
+
+    def _require(self, ok: bool, name: str, what: str) -> None:
+        """Raise '--flag VALUE: must <what>' unless ``ok`` (no VALUE for booleans and unset)."""
+        if not ok:
+            value = getattr(self, name)
+            shown = "" if value is None or isinstance(value, bool) else f" {value}"
+            raise ConfigError(f"{self.flag(name)}{shown}: must {what}")
+
+    def _require_at_least(self, minimum: float, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            self._require(value is None or value >= minimum, name, f"be >= {minimum}")
+
+
+def _swiglu_ffn_hidden_size(hidden_size: int) -> int:
+    # Megatron-LM's rule: two input projections, so 2/3 of 4h, rounded down to a multiple
+    # of 64; never below 64 so that tiny test models stay valid.
+    return max(64, int(4 * hidden_size * 2 / 3 / 64) * 64)
+
+
+@dataclass
+class ModelConfig(_Section):
+    """Transformer architecture (Megatron-Core GPTModel)."""
+
+    num_layers: int = _opt(2, "--num-layers", "Number of transformer layers.")
+    hidden_size: int = _opt(64, "--hidden-size", "Transformer hidden size.")
+    ffn_hidden_size: int | None = _opt(
+        None, "--ffn-hidden-size",
+        "MLP hidden size; unset: 4*hidden, or with --swiglu 8/3*hidden rounded down to 64.")
+    num_attention_heads: int = _opt(4, "--num-attention-heads", "Number of attention heads.")
+    num_query_groups: int | None = _opt(
+        None, "--num-query-groups",
+        "Key/value groups for grouped-query attention; unset: one per head.")
+    kv_channels: int | None = _opt(
+        None, "--kv-channels", "Per-head dimension; unset: hidden/heads.")
+    seq_length: int = _opt(128, "--seq-length", "Training sequence length in tokens.")
+    max_position_embeddings: int | None = _opt(
+        None, "--max-position-embeddings", "Positions the model supports; unset: --seq-length.")
+    normalization: Literal["LayerNorm", "RMSNorm"] = _opt(
+        "LayerNorm", "--normalization", "Normalisation layer type.")
+    norm_epsilon: float = _opt(1e-5, "--norm-epsilon", "Epsilon of the normalisation layers.")
+    swiglu: bool = _opt(False, "--swiglu", "Use a SwiGLU MLP instead of GeLU.")
+    position_embedding_type: Literal["learned_absolute", "rope"] = _opt(
+        "learned_absolute", "--position-embedding-type", "Position embedding type.")
+    rotary_base: int = _opt(10000, "--rotary-base", "Base of the rotary embedding frequencies.")
+    rotary_percent: float = _opt(1.0, "--rotary-percent", "Fraction of head dims that get rotary.")
+    untie_embeddings_and_output_weights: bool = _opt(
+        False, "--untie-embeddings-and-output-weights",
+        "Separate input embedding and output layer.")
+    add_bias_linear: bool = _opt(
+        True, "--disable-bias-linear", "Omit biases in linear layers.", inverse=True)
+    add_qkv_bias: bool = _opt(False, "--add-qkv-bias", "Add biases to the QKV projection only.")
+    init_method_std: float = _opt(0.02, "--init-method-std", "Std of the normal weight init.")
+    hidden_dropout: float = _opt(0.1, "--hidden-dropout", "Dropout after attention and MLP.")
+    attention_dropout: float = _opt(
+        0.1, "--attention-dropout", "Dropout of attention probabilities.")
+    make_vocab_size_divisible_by: int = _opt(
+        128, "--make-vocab-size-divisible-by",
+        "Pad the vocabulary to a multiple of this (times TP).")
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = _opt(
+        "auto", "--transformer-impl",
+        "Layer implementation; auto: Transformer Engine when it can run, else local.")
+
+    def _validate(self) -> None:
+        self._require_at_least(1, "num_layers", "hidden_size", "ffn_hidden_size",
+                               "num_attention_heads", "num_query_groups", "kv_channels",
+                               "seq_length", "max_position_embeddings",
+                               "make_vocab_size_divisible_by", "rotary_base")
+        for name in ("norm_epsilon", "init_method_std"):
+            self._require(getattr(self, name) > 0, name, "be > 0")
+        for name in ("hidden_dropout", "attention_dropout"):
+            self._require(0 <= getattr(self, name) < 1, name, "be in [0, 1)")
+        self._require(0 < self.rotary_percent <= 1, "rotary_percent", "be in (0, 1]")
+        if self.num_query_groups is not None:
+            self._require(self.num_attention_heads % self.num_query_groups == 0, "num_query_groups",
+                          f"divide {self.flag('num_attention_heads')} {self.num_attention_heads}")
+        if self.kv_channels is None:
+            self._require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+                          f"be divisible by {self.flag('num_attention_heads')} "
+                          f"{self.num_attention_heads} (or set {self.flag('kv_channels')})")
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = (_swiglu_ffn_hidden_size(self.hidden_size) if self.swiglu
+                                    else 4 * self.hidden_size)
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+        if self.position_embedding_type == "learned_absolute":
+            self._require(self.max_position_embeddings >= self.seq_length,
+                          "max_position_embeddings",
+                          f"be >= {self.flag('seq_length')} {self.seq_length} with learned "
+                          "absolute position embeddings")
+
+
+@dataclass
+class DataConfig(_Section):
+    """Training and validation data."""
+
+    train_data_path: str | None = _opt(
+        None, "--train-data-path", "Training data (required to train).")
+    valid_data_path: str | None = _opt(
+        None, "--valid-data-path", "Validation data; unset: no evaluation.")
+    tokenizer_model: str | None = _opt(
+        None, "--tokenizer-model", "HF tokenizer directory or sentencepiece .model file.")
+    data_seed: int = _opt(1234, "--data-seed", "Seed of the data shuffling.")
+    strict: bool = _opt(False, "--strict-data",
+                        "Treat bad samples as errors (else: skip, count and report them).")
+
+    def _validate(self) -> None:
+        self._require_at_least(0, "data_seed")
+
+
+@dataclass
+class ParallelConfig(_Section):
+    """Model parallelism; the data-parallel size is world size / (TP * PP)."""
+
+    tensor_model_parallel_size: int = _opt(
+        1, "--tensor-model-parallel-size", "Tensor-parallel size.")
+    pipeline_model_parallel_size: int = _opt(
+        1, "--pipeline-model-parallel-size", "Pipeline stages.")
+    virtual_pipeline_model_parallel_size: int | None = _opt(
+        None, "--virtual-pipeline-model-parallel-size",
+        "Model chunks per pipeline stage (interleaved schedule); unset: not interleaved.")
+    sequence_parallel: bool = _opt(False, "--sequence-parallel",
+                                   "Split activations along the sequence over the TP group.")
+    use_distributed_optimizer: bool = _opt(False, "--use-distributed-optimizer",
+                                           "Shard optimizer state over the data-parallel group.")
+    overlap_grad_reduce: bool = _opt(False, "--overlap-grad-reduce",
+                                     "Overlap the gradient reduction with the backward pass.")
+
+    def _validate(self) -> None:
+        self._require_at_least(1, "tensor_model_parallel_size", "pipeline_model_parallel_size")
+        self._require_at_least(2, "virtual_pipeline_model_parallel_size")
+        if self.virtual_pipeline_model_parallel_size is not None:
+            self._require(self.pipeline_model_parallel_size > 1,
+                          "virtual_pipeline_model_parallel_size",
+                          f"be unset unless {self.flag('pipeline_model_parallel_size')} > 1")
+        if self.sequence_parallel:
+            self._require(self.tensor_model_parallel_size > 1, "sequence_parallel",
+                          f"be off unless {self.flag('tensor_model_parallel_size')} > 1")
+
+
+@dataclass
+class OptimizerConfig(_Section):
+    """Optimizer and learning-rate schedule."""
+
+    optimizer: Literal["adam"] = _opt(
+        "adam", "--optimizer", "Optimizer (Adam with decoupled weight decay).")
+    lr: float = _opt(1e-5, "--lr", "Peak learning rate.")
+    min_lr: float = _opt(0.0, "--min-lr", "Learning rate at the end of the decay.")
+    weight_decay: float = _opt(0.01, "--weight-decay", "Weight decay coefficient.")
+    adam_beta1: float = _opt(0.9, "--adam-beta1", "Adam beta1.")
+    adam_beta2: float = _opt(0.999, "--adam-beta2", "Adam beta2.")
+    adam_eps: float = _opt(1e-8, "--adam-eps", "Adam epsilon.")
+    clip_grad: float = _opt(
+        1.0, "--clip-grad", "Clip the global gradient norm to this; 0: no clipping.")
+    lr_warmup_iters: int = _opt(0, "--lr-warmup-iters", "Iterations of linear warm-up.")
+    lr_decay_style: Literal["cosine", "linear", "constant"] = _opt(
+        "linear", "--lr-decay-style", "Learning-rate decay after the warm-up.")
+    lr_decay_iters: int | None = _opt(
+        None, "--lr-decay-iters", "Iterations over which the rate decays; unset: --train-iters.")
+
+    def _validate(self) -> None:
+        self._require(self.lr > 0, "lr", "be > 0")
+        self._require(0 <= self.min_lr <= self.lr, "min_lr",
+                      f"be in [0, {self.flag('lr')} {self.lr}]")
+        self._require_at_least(0, "weight_decay", "clip_grad", "lr_warmup_iters")
+        self._require_at_least(1, "lr_decay_iters")
+        for name in ("adam_beta1", "adam_beta2"):
+            self._require(0 <= getattr(self, name) < 1, name, "be in [0, 1)")
+        self._require(self.adam_eps > 0, "adam_eps", "be > 0")
+
+
+@dataclass
+class TrainingConfig(_Section):
+    """Batch sizes, iterations, precision, recomputation and evaluation cadence."""
+
+    micro_batch_size: int = _opt(
+        2, "--micro-batch-size", "Sequences per micro-batch per data-parallel rank.")
+    global_batch_size: int = _opt(
+        8, "--global-batch-size", "Sequences per optimizer step, all ranks.")
+    train_iters: int = _opt(100, "--train-iters", "Optimizer steps to train.")
+    seed: int = _opt(1234, "--seed", "Seed of initialisation and dropout.")
+    bf16: bool = _opt(False, "--bf16", "Train in bfloat16 mixed precision.")
+    fp16: bool = _opt(False, "--fp16", "Train in float16 mixed precision with loss scaling.")
+    fp8_format: Literal["hybrid", "e4m3"] | None = _opt(
+        None, "--fp8-format", "FP8 GEMMs through Transformer Engine (needs --bf16); unset: no FP8.")
+    fp8_amax_history_len: int = _opt(
+        1, "--fp8-amax-history-len", "Amax history length of FP8 scaling.")
+    fp8_amax_compute_algo: Literal["most_recent", "max"] = _opt(
+        "most_recent", "--fp8-amax-compute-algo",
+        "How the FP8 scale is computed from the amax history.")
+    recompute_granularity: Literal["full", "selective"] | None = _opt(
+        None, "--recompute-granularity", "Activation recomputation; unset: none.")
+    recompute_method: Literal["uniform", "block"] | None = _opt(
+        None, "--recompute-method", "How full recomputation divides the layers (needs full).")
+    recompute_num_layers: int | None = _opt(
+        None, "--recompute-num-layers",
+        "Layers per recompute unit (uniform) or recomputed (block).")
+    eval_interval: int = _opt(
+        100, "--eval-interval", "Evaluate every this many steps (with --valid-data-path).")
+    eval_iters: int = _opt(10, "--eval-iters", "Global batches per evaluation.")
+    exit_interval: int | None = _opt(
+        None, "--exit-interval",
+        "Save (with --save) and exit after a step whose number is a multiple of this.")
+
+    def _validate(self) -> None:
+        self._require_at_least(1, "micro_batch_size", "global_batch_size", "train_iters",
+                               "fp8_amax_history_len", "eval_interval", "eval_iters")
+        if self.exit_interval is not None:
+            self._require_at_least(1, "exit_interval")
+        self._require_at_least(0, "seed")
+        self._require(not (self.bf16 and self.fp16), "fp16",
+                      f"not be combined with {self.flag('bf16')}")
+        if self.fp8_format is not None:
+            self._require(self.bf16, "fp8_format", f"be used with {self.flag('bf16')}")
+        if self.recompute_granularity == "full":
+            self._require(self.recompute_method is not None, "recompute_method",
+                          f"be set with {self.flag('recompute_granularity')} full")
+            self._require(self.recompute_num_layers is not None, "recompute_num_layers",
+                          f"be set with {self.flag('recompute_granularity')} full")
+            self._require_at_least(1, "recompute_num_layers")
+        else:
+            for name in ("recompute_method", "recompute_num_layers"):
+                self._require(getattr(self, name) is None, name,
+                              f"be unset unless {self.flag('recompute_granularity')} is full")
+
+
+@dataclass
+class IRLConfig(_Section):
+    """The fine-tuning objective (docs: PAPER.md sections 2 and 4)."""
+
+    loss: Literal["soft_q", "mle_entropy"] = _opt(
+        "soft_q", "--irl-loss",
+        "soft_q: MLE + lambda * TD^2 (inverse soft-Q); mle_entropy: MLE - coef * entropy baseline.")
+    irl_lambda: float = _opt(
+        0.1, "--irl-lambda", "Weight of the TD regulariser; 0 is plain MLE (soft_q).")
+    irl_gamma: float = _opt(
+        1.0, "--irl-gamma",
+        "Discount in the TD term (soft_q); the paper does not state it: LM reproductions use 1.0.")
+    irl_stop_value_grad: bool = _opt(
+        False, "--irl-stop-value-grad",
+        "Ablation: no gradient through V(s_t+1) in the TD term (soft_q).")
+    entropy_coef: float = _opt(
+        0.0, "--irl-entropy-coef", "Entropy bonus weight (mle_entropy only).")
+
+    def _validate(self) -> None:
+        self._require_at_least(0, "irl_lambda", "entropy_coef")
+        self._require(0 <= self.irl_gamma <= 1, "irl_gamma", "be in [0, 1]")
+        if self.loss == "soft_q":
+            self._require(self.entropy_coef == 0, "entropy_coef",
+                          f"be 0 unless {self.flag('loss')} mle_entropy")
+        else:
+            self._require(not self.irl_stop_value_grad, "irl_stop_value_grad",
+                          f"be off unless {self.flag('loss')} soft_q")
+
+
+@dataclass
+class CheckpointConfig(_Section):
+    """Saving and loading (Megatron distributed checkpoints)."""
+
+    save: str | None = _opt(None, "--save", "Directory to save checkpoints to; unset: no saving.")
+    load: str | None = _opt(None, "--load", "Directory to load a checkpoint from.")
+    save_interval: int | None = _opt(
+        None, "--save-interval",
+        "Save every this many steps; unset: only at the end (with --save).")
+    no_load_optim: bool = _opt(False, "--no-load-optim", "Do not load the optimizer state.")
+    no_load_rng: bool = _opt(
+        False, "--no-load-rng", "Do not load the random-number-generator state.")
+    finetune: bool = _opt(False, "--finetune", "Load the weights only; start at iteration 0.")
+
+    def _validate(self) -> None:
+        self._require_at_least(1, "save_interval")
+        if self.save_interval is not None:
+            self._require(self.save is not None, "save_interval", f"come with {self.flag('save')}")
+        if self.finetune:
+            self._require(self.load is not None, "finetune", f"come with {self.flag('load')}")
+
+
+@dataclass
+class LoggingConfig(_Section):
+    """Console and TensorBoard logging."""
+
+    log_interval: int = _opt(10, "--log-interval", "Log every this many steps.")
+    tensorboard_dir: str | None = _opt(
+        None, "--tensorboard-dir", "TensorBoard directory; unset: none.")
+    progress_bar: Literal["auto", "on", "off"] = _opt(
+        "auto", "--progress-bar", "Progress bar; auto: on when stderr is a terminal.")
+    metrics_file: str | None = _opt(
+        None, "--metrics-file", "Append each step's scalars to this JSONL file; unset: none.")
+
+    def _validate(self) -> None:
+        self._require_at_least(1, "log_interval")
+
+
+def transformer_engine_problem(fp8: bool = False) -> str | None:
+    """None when Transformer Engine (and FP8, if ``fp8``) can run here; else what is missing.
+
+    Imports torch and, when CUDA is present, transformer_engine.pytorch (slow; call it once).
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        return "Transformer Engine needs a CUDA GPU and none is visible"
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as exc:  # an ImportError, or the extension failing to load its library
+        return (f"Transformer Engine's PyTorch extension does not import ({type(exc).__name__}: "
+                f"{exc}); it ships only as source that builds against CUDA, and NGC PyTorch "
+                "containers include it")
+    if fp8 and torch.cuda.get_device_capability() < (8, 9):
+        major, minor = torch.cuda.get_device_capability()
+        return f"FP8 needs a GPU of compute capability 8.9 or newer; this one is {major}.{minor}"
+    return None
+
+
+@dataclass
+class TrainConfig:
+    """The whole run; ``to_dict()`` / ``from_dict()`` give its YAML-able form."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    irl: IRLConfig = field(default_factory=IRLConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.optimizer.lr_decay_iters is None:
+            self.optimizer.lr_decay_iters = self.training.train_iters
+        self._check_sections_agree()
+
+    def _check_sections_agree(self) -> None:
+        """Checks between sections that do not need the world size."""
+        m, p, o, t = self.model, self.parallel, self.optimizer, self.training
+        tp, pp, vpp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                       p.virtual_pipeline_model_parallel_size or 1)
+        tp_flag = p.flag("tensor_model_parallel_size")
+        if m.num_attention_heads % tp:
+            raise ConfigError(f"{m.flag('num_attention_heads')} {m.num_attention_heads} must be "
+                              f"divisible by {tp_flag} {tp}")
+        if m.num_query_groups is not None and m.num_query_groups % tp:
+            raise ConfigError(f"{m.flag('num_query_groups')} {m.num_query_groups} must be "
+                              f"divisible by {tp_flag} {tp}")
+        if m.num_layers % (pp * vpp):
+            divisor = f"{p.flag('pipeline_model_parallel_size')} {pp}"
+            if vpp > 1:
+                divisor += (f" x {p.flag('virtual_pipeline_model_parallel_size')} {vpp}"
+                            f" (= {pp * vpp})")
+            raise ConfigError(
+                f"{m.flag('num_layers')} {m.num_layers} must be divisible by {divisor}")
+        layers_per_chunk = m.num_layers // (pp * vpp)
+        if t.recompute_num_layers is not None and t.recompute_num_layers > layers_per_chunk:
+            raise ConfigError(f"{t.flag('recompute_num_layers')} {t.recompute_num_layers} must be "
+                              f"<= the layers per pipeline model chunk ({layers_per_chunk})")
+        if o.lr_warmup_iters > t.train_iters:
+            raise ConfigError(f"{o.flag('lr_warmup_iters')} {o.lr_warmup_iters} must be <= "
+                              f"{t.flag('train_iters')} {t.train_iters}")
+        if o.lr_warmup_iters >= o.lr_decay_iters:
+            # Megatron-Core's OptimizerParamScheduler asserts warm-up < decay.
+            raise ConfigError(f"{o.flag('lr_warmup_iters')} {o.lr_warmup_iters} must be < "
+                              f"{o.flag('lr_decay_iters')} {o.lr_decay_iters} (which defaults to "
+                              f"{t.flag('train_iters')})")
+
+    def validate_for_world(self, world_size: int) -> int:
+        """Checks that need the launch; returns the data-parallel size.
+
+        Run it before creating any process group: it checks the world size against the
+        parallel layout and batch sizes, that the input paths exist, and that Transformer
+        Engine and CUDA are there when --fp8-format or --transformer-impl transformer_engine
+        asks for them. Mutates nothing.
+        """
+        self._check_sections_agree()
+        p, t, d = self.parallel, self.training, self.data
+        if world_size < 1:
+            raise ConfigError(f"world size {world_size} must be >= 1 (WORLD_SIZE / SLURM_NTASKS)")
+        tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+        if world_size % (tp * pp):
+            raise ConfigError(
+                f"world size {world_size} must be divisible by "
+                f"{p.flag('tensor_model_parallel_size')} "
+                f"{tp} x {p.flag('pipeline_model_parallel_size')} {pp} (= {tp * pp})")
+        dp = world_size // (tp * pp)
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(
+                f"{t.flag('global_batch_size')} {t.global_batch_size} must be divisible by "
+                f"{t.flag('micro_batch_size')} {t.micro_batch_size} x data-parallel size {dp} "
+                f"(= {t.micro_batch_size * dp}; world size {world_size} / TP {tp} / PP {pp})")
+        if d.train_data_path is None:
+            raise ConfigError(f"{d.flag('train_data_path')} is required to train")
+        for name in ("train_data_path", "valid_data_path", "tokenizer_model"):
+            path = getattr(d, name)
+            if path is not None and not os.path.exists(path):
+                raise ConfigError(f"{d.flag(name)} {path}: no such file or directory")
+        if t.fp8_format is not None:
+            problem = transformer_engine_problem(fp8=True)
+            if problem:
+                raise ConfigError(
+                    f"{t.flag('fp8_format')} {t.fp8_format} cannot run here: {problem}")
+        if self.model.transformer_impl == "transformer_engine":
+            problem = transformer_engine_problem()
+            if problem:
+                raise ConfigError(f"{self.model.flag('transformer_impl')} transformer_engine "
+                                  f"cannot run here: {problem}")
+        return dp
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """{section: {field: value}} of plain Python scalars (YAML-able)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "TrainConfig":
+        """Build from a (possibly partial) ``to_dict()``-shaped mapping; missing keys take defaults.
+
+        Unknown sections/keys and ill-typed values raise ConfigError naming ``source`` and the key.
+        """
+        problem = find_dict_problem(data)
+        if problem:
+            key_path, what = problem
+            raise ConfigError(f"{source}: {'.'.join(key_path)}: {what}")
+        classes = _section_classes()
+        return cls(**{s: classes[s](**(data.get(s) or {})) for s in SECTIONS})
+
+
+def _section_classes() -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(TrainConfig)}
+
+
+def find_dict_problem(data: Any) -> tuple[tuple[str, ...], str] | None:
+    """The first structural or type problem of a ``to_dict()``-shaped mapping.
+
+    Returns (key path, description), e.g. (("model", "num_layers"), "expected int, got str
+    'two'"), or None. A section may be null (empty). Range checks are left to the dataclasses.
+    """
+    if not isinstance(data, Mapping):
+        return (), (f"expected a mapping of sections {', '.join(SECTIONS)}, "
+                    f"got {type(data).__name__}")
+    classes = _section_classes()
+    for section, values in data.items():
+        if section not in classes:
+            return (str(section),), f"unknown section{close_match_hint(str(section), SECTIONS)}"
+        if values is None:
+            continue
+        if not isinstance(values, Mapping):
+            return (section,), f"expected a mapping of keys, got {type(values).__name__}"
+        hints = _hints(classes[section])
+        for key, value in values.items():
+            if key not in hints:
+                return (section, str(key)), (f"unknown key in section '{section}'"
+                                             f"{close_match_hint(str(key), hints)}")
+            problem = value_problem(hints[key], value)
+            if problem:
+                return (section, key), problem
+    return None
+
+
+def field_specs() -> list[FieldSpec]:
+    """The flag table: every configurable field, in section order then field order."""
+    specs = []
+    for section, cls in _section_classes().items():
+        for f in dataclasses.fields(cls):
+            specs.append(FieldSpec(section, f.name, f.metadata["flag"], f.metadata["help"],
+                                   f.metadata["inverse"], _hints(cls)[f.name], f.default))
+    return specs

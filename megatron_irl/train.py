@@ -1,0 +1,38 @@
+"""``python -m megatron_irl.train`` / ``megatron-irl train``: the training job.
+
+Runs the same under a single process, ``torchrun --nproc-per-node N -m megatron_irl.train``
+and ``srun`` (one task per GPU). An invalid configuration is reported before any process
+group is created, with exit status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from megatron_irl.arguments import parse_train_config
+from megatron_irl.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = parse_train_config(argv, prog="megatron-irl train")
+    except ConfigError as error:
+        print(f"megatron-irl train: error: {error}", file=sys.stderr)
+        return 2
+    # Imports Megatron-Core: only after the configuration is known to be valid.
+    from megatron_irl.data import DataError
+    from megatron_irl.training.checkpoint import CheckpointError
+    from megatron_irl.training.loop import train
+
+    try:
+        train(cfg)
+    except (DataError, CheckpointError) as error:
+        print(f"megatron-irl train: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# The guard matters: checkpoint saving starts a helper process that re-imports __main__.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training: the model, the objective, the loop, logging and checkpoints."""

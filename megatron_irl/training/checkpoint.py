@@ -1,0 +1,445 @@
+"""Save and resume training with Megatron-Core distributed checkpoints (torch_dist format).
+
+Layout of a checkpoint directory (Megatron-LM's naming)::
+
+    <dir>/latest_checkpointed_iteration.txt  the iteration of the newest *complete* checkpoint
+    <dir>/iter_0000123/                      one checkpoint:
+        __<rank>_<n>.distcp, .metadata,      dist_checkpointing's torch_dist files (tensors,
+        common.pt, metadata.json               the tensor index, non-tensor state)
+        training_state.json                  iteration, consumed samples, config, model
+                                               architecture, parallel layout (rank 0 writes it)
+        config.yaml                          the run's config, for people
+
+What one checkpoint holds (a single dist_checkpointing state dict):
+
+* ``model`` (or ``model0``, ``model1``, ... with several virtual-pipeline chunks, as in
+  Megatron-LM): each unwrapped chunk's ``sharded_state_dict()``. Tensors are stored by
+  their global sharded keys, so a checkpoint loads into any TP / PP / DP layout.
+* ``optimizer``: ``optimizer.sharded_state_dict(model state)`` (Adam moments keyed like
+  their parameters, hence reshardable as well; param groups and step go to common.pt).
+* ``opt_param_scheduler``: ``OptimizerParamScheduler.state_dict()`` (common.pt).
+* ``rng_state.*``: every rank's random states (Python, NumPy, torch CPU, CUDA when
+  present, Megatron's RNG tracker), each a 1-D tensor sharded over a [pp, tp, dp*cp, n]
+  global tensor, so rank (p, t, d) gets back exactly its own. They are restored only
+  when the layout is unchanged: in another layout the ranks do not correspond.
+
+Crash safety: the marker file is replaced atomically (tmp file, fsync, ``os.replace``) by
+rank 0 only after a barrier that every rank reaches once its shards are written, and
+loading goes through the marker, so a save killed at any point leaves the previous
+checkpoint in charge. The half-written ``iter_*`` directory such a save leaves behind is
+ignored, and removed when a later save reaches the same iteration.
+
+Unpickling: this module reads its own files as JSON and stores nothing as
+``ShardedObject`` (torch_dist reads those with ``torch.load(weights_only=False)``).
+torch_dist itself reads common.pt with ``torch.load``'s default ``weights_only=True``
+unpickler and its ``.metadata`` tensor index with plain ``pickle`` (PyTorch Distributed
+Checkpoint's format): load checkpoints only from directories you trust.
+
+Every function here except :func:`latest_iteration` is collective over the default
+(world) process group: all ranks call it with the same arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.utils import unwrap_model
+
+from megatron_irl.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+STATE_FILENAME = "training_state.json"
+CONFIG_FILENAME = "config.yaml"
+FORMAT_VERSION = 1
+_RNG_PREFIX = "rng_state."
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or does not fit the model."""
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint holds besides model, optimizer and scheduler state.
+
+    Attributes:
+        iteration: optimizer steps taken.
+        consumed_samples: training samples consumed; the data pipeline resumes from it.
+        config: the run's configuration as plain JSON-able data (``TrainConfig.to_dict()``).
+    """
+
+    iteration: int
+    consumed_samples: int
+    config: dict
+
+    def __post_init__(self) -> None:
+        for name in ("iteration", "consumed_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainingState.{name} must be an int >= 0, got {value!r}")
+        if not isinstance(self.config, dict):
+            raise ValueError(f"TrainingState.config must be a dict, got {type(self.config)}")
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    """``<root>/iter_0000123``: Megatron-LM's name for one checkpoint."""
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(load_dir: str) -> int | None:
+    """The iteration named by ``<load_dir>/latest_checkpointed_iteration.txt``; None if the
+    marker (or the directory) does not exist. Local; no collectives."""
+    path = os.path.join(load_dir, TRACKER_FILENAME)
+    try:
+        with open(path, encoding="utf-8") as marker:
+            text = marker.read()
+    except FileNotFoundError:
+        return None
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
+
+
+def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, optimizer,
+                    scheduler) -> str:
+    """Save model, optimizer, scheduler, RNG and ``state`` as ``<save_dir>/iter_<n>``.
+
+    Args:
+        save_dir: the run's ``--save`` directory (created if missing).
+        state: iteration, consumed samples and config to store.
+        model_chunks: this rank's model chunks, wrapped (DDP, Float16Module) or not.
+        optimizer: the ``get_megatron_optimizer`` optimizer of ``model_chunks``.
+        scheduler: the ``OptimizerParamScheduler`` of ``optimizer``.
+
+    Returns:
+        The iteration directory. If the marker already names this iteration (a complete
+        checkpoint of it exists) nothing is written and that directory is returned.
+
+    Collective over the world group (broadcasts, a barrier and dist_checkpointing's own).
+    Writes only under ``save_dir``; mutates nothing else. Rank 0 writes the JSON/YAML
+    files and then the marker, after every rank's shards are on disk.
+    """
+    directory = iteration_dir(save_dir, state.iteration)
+    # Serialised up front so that a config that is not JSON-able fails on every rank
+    # before anything is written.
+    state_json = json.dumps({
+        "format_version": FORMAT_VERSION,
+        **dataclasses.asdict(state),
+        "model_architecture": model_architecture(unwrap_model(model_chunks[0])),
+        "parallel_layout": _parallel_layout(len(model_chunks)),
+    }, indent=2)
+
+    if _on_rank0(lambda: _prepare_iteration_dir(save_dir, state.iteration), "prepare " + directory):
+        log.warning("%s is already the latest complete checkpoint; not saving it again", directory)
+        return directory
+
+    model_state = _model_sharded_state_dict(model_chunks)
+    sharded_state = {
+        **model_state,
+        "optimizer": optimizer.sharded_state_dict(model_state),
+        "opt_param_scheduler": scheduler.state_dict(),
+        **_rng_sharded_state_dict(),
+    }
+    dist_checkpointing.save(sharded_state, directory)
+    dist.barrier()  # every rank's shards are written: only now may the marker move
+
+    def finish() -> int:
+        _write_file_synced(os.path.join(directory, STATE_FILENAME), state_json)
+        _write_file_synced(os.path.join(directory, CONFIG_FILENAME),
+                           yaml.safe_dump(state.config, sort_keys=False))
+        _replace_file_atomically(os.path.join(save_dir, TRACKER_FILENAME), f"{state.iteration}\n")
+        return 0
+
+    _on_rank0(finish, "write the training state and the marker of " + directory)
+    return directory
+
+
+def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, scheduler=None, *,
+                    load_optimizer: bool = True, load_rng: bool = True) -> TrainingState:
+    """Load the latest complete checkpoint under ``load_dir`` into this run's objects.
+
+    Args:
+        load_dir: the ``--load`` directory.
+        model_chunks: this rank's model chunks (any TP / PP / DP layout of the same
+            architecture); their parameters are overwritten in place.
+        optimizer: loaded (Adam moments, step, param groups) when ``load_optimizer``;
+            otherwise only told to re-read the model parameters (mixed precision keeps
+            fp32 main copies of them).
+        scheduler: loaded when ``load_optimizer`` (it belongs to the optimizer's state).
+        load_optimizer: False for ``--no-load-optim`` / ``--finetune``.
+        load_rng: False for ``--no-load-rng`` / ``--finetune``. RNG states are also
+            skipped (with a warning) when the parallel layout differs from the saved one.
+
+    Returns:
+        The saved :class:`TrainingState` (iteration, consumed samples, config).
+
+    Raises:
+        CheckpointError: no checkpoint under ``load_dir``, an incomplete one, or one whose
+            model architecture differs from ``model_chunks[0]`` (names the fields).
+
+    Collective over the world group. Mutates the model chunks, optimizer, scheduler and
+    the process's RNG states.
+    """
+    iteration = _on_rank0(lambda: _marked_iteration(load_dir), "read the marker in " + load_dir)
+    directory = iteration_dir(load_dir, iteration)
+    saved = _read_training_state(directory)
+    models = unwrap_model(model_chunks)
+    _check_architecture(saved["model_architecture"], model_architecture(models[0]), directory)
+
+    model_state = _model_sharded_state_dict(model_chunks)
+    sharded_state = dict(model_state)
+    if load_optimizer and optimizer is not None:
+        sharded_state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True)
+    restore_rng = load_rng and _same_layout_for_rng(saved["parallel_layout"], len(model_chunks))
+    if restore_rng:
+        sharded_state.update(_rng_sharded_state_dict())
+
+    loaded = dist_checkpointing.load(sharded_state, directory)
+
+    for key, model in zip(model_state, models):
+        model.load_state_dict(loaded[key])
+    if optimizer is not None:
+        if load_optimizer:
+            optimizer.load_state_dict(loaded["optimizer"])
+        else:
+            optimizer.reload_model_params()
+    if load_optimizer and scheduler is not None:
+        scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if restore_rng:
+        _restore_rng(loaded)
+    return TrainingState(saved["iteration"], saved["consumed_samples"], saved["config"])
+
+
+# ------------------------------------------------------------------- model architecture
+
+
+def model_architecture(model) -> dict:
+    """The settings of an (unwrapped) GPTModel that fix its parameters' shapes, named
+    after the project's config fields (``--hidden-size`` -> ``hidden_size``)."""
+    config = model.config
+    learned_positions = model.position_embedding_type == "learned_absolute"
+    return {
+        "num_layers": config.num_layers,
+        "hidden_size": config.hidden_size,
+        "ffn_hidden_size": config.ffn_hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+        "num_query_groups": config.num_query_groups,
+        "kv_channels": config.kv_channels,
+        "normalization": config.normalization,
+        "swiglu": config.gated_linear_unit,
+        "add_bias_linear": config.add_bias_linear,
+        "add_qkv_bias": config.add_qkv_bias,
+        "position_embedding_type": model.position_embedding_type,
+        # Only learned position embeddings have a table of this length.
+        "max_position_embeddings": model.max_sequence_length if learned_positions else None,
+        "untie_embeddings_and_output_weights": not model.share_embeddings_and_output_weights,
+        "padded_vocab_size": model.vocab_size,
+    }
+
+
+def _check_architecture(saved: dict, current: dict, directory: str) -> None:
+    """Raise a CheckpointError listing every field where ``saved`` and ``current`` differ."""
+    differing = [name for name in current if saved.get(name) != current[name]]
+    if not differing:
+        return
+    flags = {f.name: f.metadata["flag"] for f in dataclasses.fields(ModelConfig)}
+    flags["padded_vocab_size"] = ("the tokenizer's vocabulary padded to a multiple of "
+                                  "--make-vocab-size-divisible-by x --tensor-model-parallel-size")
+    lines = [f"  {name} ({flags[name]}): checkpoint {saved.get(name)!r}, "
+             f"this run {current[name]!r}" for name in differing]
+    raise CheckpointError(
+        f"checkpoint {directory} holds a model of a different architecture than this run's "
+        f"(see its {CONFIG_FILENAME}):\n" + "\n".join(lines) +
+        "\nset these to the checkpoint's values, or point --load at a matching checkpoint")
+
+
+# ----------------------------------------------------------------------- state dicts
+
+
+def _model_sharded_state_dict(model_chunks: list) -> dict:
+    """{"model": sd} for one chunk, {"model0": sd0, "model1": sd1, ...} for several
+    (Megatron-LM's keys); sd is the unwrapped chunk's sharded_state_dict()."""
+    models = unwrap_model(model_chunks)
+    if len(models) == 1:
+        return {"model": models[0].sharded_state_dict()}
+    return {f"model{i}": model.sharded_state_dict() for i, model in enumerate(models)}
+
+
+def _rank_coordinates() -> tuple[tuple[int, int], ...]:
+    """((rank, size) for pp, tp, dp*cp): a rank's position in the layout."""
+    return (
+        (parallel_state.get_pipeline_model_parallel_rank(),
+         parallel_state.get_pipeline_model_parallel_world_size()),
+        (parallel_state.get_tensor_model_parallel_rank(),
+         parallel_state.get_tensor_model_parallel_world_size()),
+        (parallel_state.get_data_parallel_rank(with_context_parallel=True),
+         parallel_state.get_data_parallel_world_size(with_context_parallel=True)),
+    )
+
+
+def _parallel_layout(num_chunks: int) -> dict:
+    (_, pp), (_, tp), (_, dp) = _rank_coordinates()
+    return {"pipeline_model_parallel_size": pp, "tensor_model_parallel_size": tp,
+            "data_parallel_size": dp, "model_chunks": num_chunks}
+
+
+def _same_layout_for_rng(saved_layout: dict, num_chunks: int) -> bool:
+    current = _parallel_layout(num_chunks)
+    keys = ("pipeline_model_parallel_size", "tensor_model_parallel_size", "data_parallel_size")
+    if all(saved_layout[k] == current[k] for k in keys):
+        return True
+    if dist.get_rank() == 0:
+        log.warning("parallel layout changed since the checkpoint (%s -> %s): not restoring "
+                    "the RNG states, whose ranks do not correspond",
+                    {k: saved_layout[k] for k in keys}, {k: current[k] for k in keys})
+    return False
+
+
+def _rng_states() -> dict[str, torch.Tensor]:
+    """This process's random states as 1-D CPU tensors of fixed length, by name."""
+    _, python_words, python_gauss = random.getstate()  # 624 words + position, cached gauss
+    _, numpy_words, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    states = {
+        "python_mt": torch.tensor(python_words, dtype=torch.int64),
+        "python_gauss": torch.tensor([python_gauss is not None, python_gauss or 0.0],
+                                     dtype=torch.float64),
+        "numpy_mt": torch.tensor([*numpy_words.tolist(), numpy_pos], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([numpy_has_gauss, numpy_gauss], dtype=torch.float64),
+        "torch_cpu": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["torch_cuda"] = torch.cuda.get_rng_state()
+    for name, tracker_state in tensor_parallel.get_cuda_rng_tracker().get_states().items():
+        if not isinstance(tracker_state, torch.Tensor):
+            raise CheckpointError(f"RNG tracker state {name!r} is a {type(tracker_state)}, not a "
+                                  "tensor (CUDA-graph-safe RNG states are not checkpointed)")
+        states[f"tracker.{name}"] = tracker_state.clone()
+    return states
+
+
+def _rng_sharded_state_dict() -> dict[str, ShardedTensor]:
+    """Each RNG state as a ShardedTensor: local [n] at (pp_rank, tp_rank, dp_rank) of a
+    global [pp, tp, dp*cp, n] tensor; every rank owns its shard (replica 0)."""
+    offsets = [(axis, rank, size) for axis, (rank, size) in enumerate(_rank_coordinates())]
+    return {
+        _RNG_PREFIX + name: ShardedTensor.from_rank_offsets(
+            _RNG_PREFIX + name, state, *offsets, replica_id=0, prepend_axis_num=len(offsets))
+        for name, state in _rng_states().items()
+    }
+
+
+def _restore_rng(loaded: dict) -> None:
+    """Set this process's random states from the ``rng_state.*`` entries of ``loaded``."""
+    states = {k[len(_RNG_PREFIX):]: v.clone() for k, v in loaded.items()
+              if k.startswith(_RNG_PREFIX)}
+    python_gauss = states["python_gauss"].tolist()
+    random.setstate((3, tuple(states["python_mt"].tolist()),
+                     python_gauss[1] if python_gauss[0] else None))
+    numpy_mt = states["numpy_mt"]
+    numpy_has_gauss, numpy_gauss = states["numpy_gauss"].tolist()
+    np.random.set_state(("MT19937", numpy_mt[:-1].numpy().astype(np.uint32), int(numpy_mt[-1]),
+                         int(numpy_has_gauss), numpy_gauss))
+    torch.set_rng_state(states["torch_cpu"])
+    if torch.cuda.is_available() and "torch_cuda" in states:
+        torch.cuda.set_rng_state(states["torch_cuda"])
+    tracker_prefix = "tracker."
+    tensor_parallel.get_cuda_rng_tracker().set_states(
+        {k[len(tracker_prefix):]: v for k, v in states.items() if k.startswith(tracker_prefix)})
+
+
+# ------------------------------------------------------------------------ files
+
+
+def _prepare_iteration_dir(save_dir: str, iteration: int) -> int:
+    """Rank 0: 1 if the marker already names ``iteration``; else 0 after creating an empty
+    iteration directory (removing what an interrupted save of it left)."""
+    if latest_iteration(save_dir) == iteration:
+        return 1
+    directory = iteration_dir(save_dir, iteration)
+    if os.path.exists(directory):
+        log.warning("removing %s: the marker does not name it, so it is what an interrupted "
+                    "save left", directory)
+        shutil.rmtree(directory)
+    os.makedirs(directory)
+    return 0
+
+
+def _marked_iteration(load_dir: str) -> int:
+    """Rank 0: the marker's iteration, or a CheckpointError naming ``--load``."""
+    iteration = latest_iteration(load_dir)
+    if iteration is None:
+        reason = ("does not exist" if not os.path.isdir(load_dir)
+                  else f"has no {TRACKER_FILENAME} (no complete checkpoint)")
+        raise CheckpointError(
+            f"--load {load_dir}: nothing to load, the directory {reason}; point --load at a "
+            f"directory that a run saved to with --save, or leave --load unset")
+    return iteration
+
+
+def _read_training_state(directory: str) -> dict:
+    path = os.path.join(directory, STATE_FILENAME)
+    try:
+        with open(path, encoding="utf-8") as file:
+            saved = json.load(file)
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path} is missing, although {TRACKER_FILENAME} names this checkpoint: the "
+            f"checkpoint was moved or deleted in part") from None
+    if saved.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {saved.get('format_version')!r}; this "
+                              f"version of megatron_irl reads {FORMAT_VERSION}")
+    return saved
+
+
+def _write_file_synced(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _replace_file_atomically(path: str, text: str) -> None:
+    """Readers see the old or the new content of ``path``, never a mix, even after a crash."""
+    temporary = path + ".tmp"
+    _write_file_synced(temporary, text)
+    os.replace(temporary, path)
+    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(directory)  # persist the rename itself
+    finally:
+        os.close(directory)
+
+
+def _on_rank0(action: Callable[[], int], what: str) -> int:
+    """Run ``action`` on rank 0 and broadcast its int result to all ranks. An exception on
+    rank 0 is re-raised there and reported as a CheckpointError on the others, so no rank
+    is left waiting in a later collective. Collective: one broadcast (world group)."""
+    result, error = 0, None
+    if dist.get_rank() == 0:
+        try:
+            result = action()
+        except Exception as exc:  # re-raised below, after the other ranks are told
+            error = exc
+    outcome = torch.tensor([error is None, result], dtype=torch.int64)
+    dist.broadcast(outcome, src=0)
+    if error is not None:
+        raise error
+    if not outcome[0]:
+        raise CheckpointError(f"rank 0 failed to {what}; see rank 0's error")
+    return int(outcome[1])

@@ -1,0 +1,69 @@
+"""Process-group set-up for torchrun, srun or a single process, and the run's seeding."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+from megatron_irl.config import ParallelConfig
+from megatron_irl.platform import enable_cpu_support
+
+
+def launch_environment(env=os.environ) -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's variables, else Slurm's, else one process."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def init_distributed(parallel: ParallelConfig, seed: int) -> None:
+    """Join the default process group (NCCL on GPUs, gloo on CPUs) and Megatron's groups.
+
+    MASTER_ADDR / MASTER_PORT come from the launcher (torchrun, or the Slurm batch script);
+    a single process uses 127.0.0.1 and MASTER_PORT or 29500.
+    """
+    rank, world_size, local_rank = launch_environment()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        backend = "nccl"
+    else:
+        enable_cpu_support()
+        backend = "gloo"
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+    )
+    seed_everything(seed)
+
+
+def seed_everything(seed: int) -> None:
+    """Megatron-LM's seeding: each pipeline stage its own seed; TP ranks share initialisation
+    and get distinct dropout streams through Megatron's RNG tracker."""
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    model_parallel_cuda_manual_seed(stage_seed)
+
+
+def is_logging_rank() -> bool:
+    """The last rank: it is on the last pipeline stage, where the loss is."""
+    return dist.get_rank() == dist.get_world_size() - 1
+
+
+def shutdown_distributed() -> None:
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

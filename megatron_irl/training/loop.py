@@ -1,0 +1,222 @@
+"""The training job: ``train() -> train_step() -> forward_step()`` on Megatron-Core.
+
+One step: this rank's micro-batches of the global batch go through Megatron-Core's pipeline
+schedule (``get_forward_backward_func``: no pipelining, 1F1B or interleaved), the objective
+runs on the last pipeline stage, ``finalize_model_grads`` reduces gradients over data
+parallelism and divides them by the global batch's trained-token count, and Megatron's
+optimizer clips and steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_irl.config import TrainConfig
+from megatron_irl.data import (
+    EvalBatches,
+    SFTDataset,
+    TrainingBatches,
+    block_causal_attention_mask,
+    load_tokenizer,
+)
+from megatron_irl.training.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from megatron_irl.training.distributed import (
+    init_distributed,
+    is_logging_rank,
+    shutdown_distributed,
+)
+from megatron_irl.training.logger import TrainingLogger
+from megatron_irl.training.model import build_model_chunks, wrap_data_parallel
+from megatron_irl.training.objective import Objective, metric_means
+from megatron_irl.training.optimizer import build_optimizer, build_scheduler
+
+
+def forward_step(data_iterator, model, objective: Objective):
+    """Megatron's forward-step contract: the stage's output and the loss function for it."""
+    batch = next(data_iterator)
+    if torch.cuda.is_available():
+        batch = {name: tensor.cuda(non_blocking=True) for name, tensor in batch.items()}
+    attention_mask = block_causal_attention_mask(batch["document_ids"])  # [b, 1, s, s]
+    output = model(batch["tokens"], batch["position_ids"], attention_mask)  # logits [b, s, v/tp]
+    return output, partial(objective, batch=batch)
+
+
+def _run_schedule(model, micro_batches, objective, cfg: TrainConfig, forward_only: bool):
+    """Metric sums over this rank's micro-batches, all-reduced over data parallelism
+    (a ``[len(METRICS)]`` tensor on the last pipeline stage, None elsewhere)."""
+    per_micro_batch = get_forward_backward_func()(
+        forward_step_func=partial(forward_step, objective=objective),
+        # Interleaving gives each model chunk its own pass over the micro-batches.
+        data_iterator=[iter(micro_batches) for _ in model] if len(model) > 1
+        else iter(micro_batches),
+        model=model if len(model) > 1 else model[0],
+        num_microbatches=len(micro_batches),
+        seq_length=cfg.model.seq_length,
+        micro_batch_size=cfg.training.micro_batch_size,
+        forward_only=forward_only,
+    )
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    metric_sums = torch.stack(per_micro_batch).sum(dim=0)
+    dist.all_reduce(metric_sums, group=parallel_state.get_data_parallel_group())
+    return metric_sums
+
+
+def train_step(model, optimizer, scheduler, micro_batches, objective, cfg: TrainConfig):
+    """One optimizer step on one global batch.
+
+    Returns the metric sums (None off the last pipeline stage) and the step's learning rate
+    and gradient norm (before clipping).
+    """
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    metric_sums = _run_schedule(model, micro_batches, objective, cfg, forward_only=False)
+    lr = optimizer.param_groups[0]["lr"]
+    _, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=cfg.training.global_batch_size)
+    return metric_sums, {"lr": lr, "grad_norm": float(grad_norm or 0.0)}
+
+
+@torch.no_grad()
+def evaluate(model, eval_batches: EvalBatches, objective, cfg: TrainConfig):
+    """Forward-only pass over the first ``--eval-iters`` global batches of the validation set."""
+    for chunk in model:
+        chunk.eval()
+    micro_batches = list(itertools.islice(eval_batches, cfg.training.eval_iters * _num_microbatches(cfg)))
+    metric_sums = _run_schedule(model, micro_batches, objective, cfg, forward_only=True)
+    for chunk in model:
+        chunk.train()
+    return metric_sums
+
+
+def _is_multiple(iteration: int, interval: int | None) -> bool:
+    return interval is not None and iteration % interval == 0
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (Slurm's pre-emption warning) ask the job to save and stop.
+
+    Every rank must agree when to stop, so ``requested()`` all-reduces the flag (MAX).
+    """
+
+    def __init__(self):
+        self.received = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame):
+        self.received = True
+
+    def requested(self) -> bool:
+        flag = torch.tensor([int(self.received)],
+                            device="cuda" if torch.cuda.is_available() else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _num_microbatches(cfg: TrainConfig) -> int:
+    dp_size = parallel_state.get_data_parallel_world_size()
+    return cfg.training.global_batch_size // (cfg.training.micro_batch_size * dp_size)
+
+
+def _setup_data(cfg: TrainConfig, log: TrainingLogger):
+    tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+    train_set = SFTDataset(cfg.data.train_data_path, tokenizer, cfg.model.seq_length,
+                           strict=cfg.data.strict)
+    log.info(train_set.report.format())
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    train_batches = TrainingBatches(train_set, cfg.training.micro_batch_size,
+                                    _num_microbatches(cfg), dp_rank, dp_size,
+                                    seed=cfg.data.data_seed)
+    eval_batches = None
+    if cfg.data.valid_data_path:
+        valid_set = SFTDataset(cfg.data.valid_data_path, tokenizer, cfg.model.seq_length,
+                               strict=cfg.data.strict)
+        eval_batches = EvalBatches(valid_set, cfg.training.micro_batch_size, dp_rank, dp_size)
+    return tokenizer, train_batches, eval_batches
+
+
+def train(cfg: TrainConfig) -> TrainingState:
+    """Run (or resume) the training job described by ``cfg``; returns the final state."""
+    init_distributed(cfg.parallel, cfg.training.seed)
+    try:
+        return _train(cfg)
+    finally:
+        shutdown_distributed()
+
+
+def _train(cfg: TrainConfig) -> TrainingState:
+    with TrainingLogger(cfg.logging, cfg.training.train_iters, is_logging_rank()) as log:
+        return _train_with_logger(cfg, log)
+
+
+def _train_with_logger(cfg: TrainConfig, log: TrainingLogger) -> TrainingState:
+    tokenizer, train_batches, eval_batches = _setup_data(cfg, log)
+
+    chunks = build_model_chunks(cfg, tokenizer.vocab_size)
+    model = wrap_data_parallel(cfg, chunks)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)
+    config = chunks[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = [chunk.no_sync for chunk in model] if len(model) > 1 else model[0].no_sync
+
+    state = TrainingState(iteration=0, consumed_samples=0, config=cfg.to_dict())
+    if cfg.checkpoint.load:
+        state = load_checkpoint(
+            cfg.checkpoint.load, chunks, optimizer, scheduler,
+            load_optimizer=not (cfg.checkpoint.no_load_optim or cfg.checkpoint.finetune),
+            load_rng=not (cfg.checkpoint.no_load_rng or cfg.checkpoint.finetune),
+        )
+        if cfg.checkpoint.finetune:
+            state = TrainingState(iteration=0, consumed_samples=0, config=cfg.to_dict())
+        log.info(f"loaded checkpoint {cfg.checkpoint.load} at iteration {state.iteration}")
+    state.config = cfg.to_dict()
+
+    objective = Objective(cfg.irl)
+    stop = StopRequest()
+    tokens_per_step = cfg.training.global_batch_size * cfg.model.seq_length
+    last_saved = state.iteration if cfg.checkpoint.load else None
+    log.begin(state.iteration)
+    while state.iteration < cfg.training.train_iters:
+        start = time.monotonic()
+        micro_batches = train_batches.batches_for_iteration(state.iteration)
+        metric_sums, step_scalars = train_step(model, optimizer, scheduler, micro_batches,
+                                               objective, cfg)
+        state.iteration += 1
+        state.consumed_samples += cfg.training.global_batch_size
+        if metric_sums is not None:
+            scalars = {**metric_means(metric_sums), **step_scalars}
+            log.log_step(state.iteration, scalars, tokens_per_step / (time.monotonic() - start))
+        if eval_batches is not None and state.iteration % cfg.training.eval_interval == 0:
+            eval_sums = evaluate(model, eval_batches, objective, cfg)
+            if eval_sums is not None:
+                log.log_eval(state.iteration, metric_means(eval_sums))
+        signalled = stop.requested()
+        exiting = signalled or _is_multiple(state.iteration, cfg.training.exit_interval)
+        if cfg.checkpoint.save and (exiting or _is_multiple(state.iteration,
+                                                             cfg.checkpoint.save_interval)):
+            save_checkpoint(cfg.checkpoint.save, state, chunks, optimizer, scheduler)
+            last_saved = state.iteration
+            log.info(f"saved checkpoint at iteration {state.iteration} to {cfg.checkpoint.save}")
+        if exiting:
+            reason = "a termination signal" if signalled else "--exit-interval"
+            log.info(f"stopping at iteration {state.iteration} on {reason}")
+            return state
+    if cfg.checkpoint.save and last_saved != state.iteration:
+        save_checkpoint(cfg.checkpoint.save, state, chunks, optimizer, scheduler)
+        log.info(f"saved checkpoint at iteration {state.iteration} to {cfg.checkpoint.save}")
+    return state
+

@@ -1,0 +1,150 @@
+"""Megatron-Core GPTModel from a ``TrainConfig``: Llama-style options, one chunk per virtual stage.
+
+The layer spec is Transformer Engine's when TE is importable on a GPU (or asked for with
+``--transformer-impl transformer_engine``), Megatron-Core's local spec otherwise. Packed rows
+hold several documents, so attention always takes the block-causal mask the data gives
+(``AttnMaskType.arbitrary``) rather than the built-in causal one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_irl.config import TrainConfig, transformer_engine_problem
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
+    """Megatron-LM's padding: a multiple of ``divisible_by * tp`` so each shard is equal."""
+    multiple = divisible_by * tp_size
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def uses_transformer_engine(cfg: TrainConfig) -> bool:
+    impl = cfg.model.transformer_impl
+    if impl == "auto":
+        return transformer_engine_problem() is None
+    return impl == "transformer_engine"
+
+
+def transformer_config(cfg: TrainConfig) -> TransformerConfig:
+    """Megatron-Core's TransformerConfig for the model, parallelism and precision chosen."""
+    model, parallel, training = cfg.model, cfg.parallel, cfg.training
+    params_dtype = torch.bfloat16 if training.bf16 else torch.float32
+    on_gpu = torch.cuda.is_available()
+    fp8 = {}
+    if training.fp8_format is not None:
+        fp8 = dict(
+            fp8=training.fp8_format,
+            fp8_amax_history_len=training.fp8_amax_history_len,
+            fp8_amax_compute_algo=training.fp8_amax_compute_algo,
+        )
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.kv_channels,
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=model.swiglu,
+        activation_func=F.silu if model.swiglu else F.gelu,
+        add_bias_linear=model.add_bias_linear,
+        add_qkv_bias=model.add_qkv_bias,
+        init_method_std=model.init_method_std,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        # Interleaving with 2 stages sends activations and gradients both ways between the
+        # same two ranks; batched p2p then pairs a gradient send with an activation receive
+        # (silently wrong on gloo). Unbatched p2p orders them by rank parity.
+        batch_p2p_comm=not (parallel.virtual_pipeline_model_parallel_size
+                            and parallel.pipeline_model_parallel_size == 2),
+        bf16=training.bf16,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        # Sums of per-token losses and token counts go to the schedule, which divides by the
+        # token count of the whole global batch (all micro-batches, all data-parallel ranks).
+        calculate_per_token_loss=True,
+        recompute_granularity=training.recompute_granularity,
+        recompute_method=training.recompute_method,
+        recompute_num_layers=training.recompute_num_layers,
+        # CPU runs need CPU-side init; on GPU Megatron initialises each shard on its device.
+        use_cpu_initialization=not on_gpu,
+        # Fusions need CUDA kernels (TE/Apex); the block-causal mask rules out the causal one.
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        gradient_accumulation_fusion=False,
+        **fp8,
+    )
+
+
+def layer_spec(cfg: TrainConfig) -> ModuleSpec:
+    if uses_transformer_engine(cfg):
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        spec = get_gpt_layer_with_transformer_engine_spec()
+    else:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        spec = get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+    return spec
+
+
+def build_model_chunks(cfg: TrainConfig, vocab_size: int) -> list[GPTModel]:
+    """This rank's model: one GPTModel per virtual pipeline stage (one without interleaving)."""
+    config = transformer_config(cfg)
+    spec = layer_spec(cfg)
+    padded = padded_vocab_size(
+        vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size
+    )
+    num_chunks = cfg.parallel.virtual_pipeline_model_parallel_size or 1
+    chunks = []
+    for vp_stage in range(num_chunks):
+        vp = vp_stage if num_chunks > 1 else None
+        chunks.append(GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=padded,
+            max_sequence_length=cfg.model.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
+            position_embedding_type=cfg.model.position_embedding_type,
+            rotary_percent=cfg.model.rotary_percent,
+            rotary_base=cfg.model.rotary_base,
+            vp_stage=vp,
+        ))
+    return chunks
+
+
+def wrap_data_parallel(cfg: TrainConfig, chunks: list[GPTModel]) -> list[DistributedDataParallel]:
+    """Megatron-Core DDP around each chunk; gradients reduce in fp32 buckets."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    return [
+        DistributedDataParallel(
+            config=chunk.config,
+            ddp_config=ddp_config,
+            module=chunk,
+            # Only the first chunk's first bucket may be delayed (Megatron-LM's rule).
+            disable_bucketing=index > 0,
+        )
+        for index, chunk in enumerate(chunks)
+    ]

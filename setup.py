@@ -1,0 +1,31 @@
+"""megatron-irl: inverse-RL (IQ-Learn) fine-tuning of language models on Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-irl",
+    version="0.1.0",
+    description="Fine-tune language models by inverse soft-Q learning on Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_irl", "megatron_irl.*"]),
+    install_requires=[
+        # A range that the local CPU wheel (2.13.0) satisfies; CPU installs pin it exactly.
+        "torch>=2.4",
+        "megatron-core>=0.16.1",
+        "numpy",
+        "pyyaml",
+        "psutil",  # megatron-core's checkpoint saving needs it without declaring it
+        "sentencepiece",
+        "tokenizers",
+        "tensorboard",
+        "safetensors",
+        "tqdm",
+    ],
+    extras_require={
+        "te": ["transformer-engine[pytorch]"],
+        "dev": ["pytest", "hypothesis"],
+    },
+    entry_points={"console_scripts": ["megatron-irl=megatron_irl.cli:main"]},
+)

@@ -1,0 +1,452 @@
+"""save_checkpoint / load_checkpoint with real Megatron-Core on CPU (gloo, two ranks).
+
+Each scenario builds what the trainer builds: a tiny GPTModel (local spec, 2 layers,
+hidden 64, 4 heads, vocab 128, seq 16) in Megatron's DistributedDataParallel, fp32 Adam
+from ``get_megatron_optimizer`` and an ``OptimizerParamScheduler``. Scenarios run in the
+spawned workers of ``run_distributed``; a module-scoped fixture runs each once and the
+tests assert one behaviour each on its results. The kill test runs one save in its own
+process (``_killed_save_main``) and SIGKILLs it between the shards and the marker.
+"""
+
+import multiprocessing
+import os
+import random
+import re
+import signal
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from megatron_irl.testing import run_distributed
+from megatron_irl.training.checkpoint import CheckpointError, iteration_dir, latest_iteration
+
+WORLD_SIZE = 2
+VOCAB = 128
+SEQ = 16
+MICRO_BATCH = 2
+MICROBATCHES_PER_STEP = 2  # in the whole data-parallel world
+GLOBAL_BATCH = MICRO_BATCH * MICROBATCHES_PER_STEP
+CONFIG = {"model": {"num_layers": 2, "hidden_size": 64}, "training": {"train_iters": 4}}
+
+
+# ---------------------------------------------------------------- run on the workers
+
+
+def _build_training(hidden_size=64, dropout=0.1):
+    """([DDP(GPTModel)], fp32 Adam, scheduler) for the current parallel layout."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.transformer import TransformerConfig
+
+    config = TransformerConfig(
+        num_layers=2,
+        hidden_size=hidden_size,
+        num_attention_heads=4,
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
+        use_cpu_initialization=True,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        pipeline_dtype=torch.float32,
+    )
+    module = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(),
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    model = DistributedDataParallel(config, DistributedDataParallelConfig(), module)
+    config.finalize_model_grads_func = finalize_model_grads
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-2, min_lr=1e-3, weight_decay=0.01, clip_grad=1.0), [model]
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=1e-2, min_lr=1e-3,
+        lr_warmup_steps=2 * GLOBAL_BATCH, lr_decay_steps=8 * GLOBAL_BATCH,
+        lr_decay_style="cosine", start_wd=0.01, end_wd=0.01,
+        wd_incr_steps=8 * GLOBAL_BATCH, wd_incr_style="constant",
+    )
+    return [model], optimizer, scheduler
+
+
+def _microbatches(iteration, count):
+    """The ``count`` microbatches of one step: dicts of int64 [b, s] tokens, labels and
+    position_ids, the same for every layout (a function of ``iteration`` only)."""
+    generator = torch.Generator().manual_seed(iteration)
+    sequences = torch.randint(0, VOCAB, (count, MICRO_BATCH, SEQ + 1), generator=generator)
+    position_ids = torch.arange(SEQ).expand(MICRO_BATCH, SEQ).contiguous()
+    return [
+        {"tokens": s[:, :-1].contiguous(), "labels": s[:, 1:].contiguous(),
+         "position_ids": position_ids}
+        for s in sequences
+    ]
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    per_token_loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return per_token_loss, _mean_loss
+
+
+def _mean_loss(per_token_loss):
+    loss = per_token_loss.float().mean()
+    return loss, {"lm loss": loss.detach()}
+
+
+def _train_step(chunks, optimizer, scheduler, iteration):
+    """One optimizer step on iteration ``iteration``'s global batch, split over the
+    data-parallel ranks; returns this rank's microbatch losses ([] off the last stage)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    local = _microbatches(iteration, MICROBATCHES_PER_STEP)[dp_rank::dp_size]
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=_forward_step, data_iterator=[iter(local)], model=chunks,
+        num_microbatches=len(local), seq_length=SEQ, micro_batch_size=MICRO_BATCH,
+    )
+    optimizer.step()
+    scheduler.step(increment=GLOBAL_BATCH)
+    return [entry["lm loss"].item() for entry in losses]
+
+
+def _advance_rngs_by_rank():
+    """Draw rank+1 numbers from every RNG stream, so that ranks' states differ and a
+    checkpoint that mixed them up would be caught."""
+    from megatron.core import tensor_parallel
+
+    draws = torch.distributed.get_rank() + 1
+    [random.random() for _ in range(draws)]
+    np.random.rand(draws)
+    torch.rand(draws)
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        torch.rand(draws)
+
+
+def _rng_draws():
+    from megatron.core import tensor_parallel
+
+    with tensor_parallel.get_cuda_rng_tracker().fork():
+        tracker_draw = torch.rand(3)
+    return {"python": random.random(), "numpy": np.random.rand(3), "torch": torch.rand(3),
+            "tracker": tracker_draw, "gauss": random.gauss(0, 1)}
+
+
+def _adam_moments(optimizer):
+    """[(exp_avg, exp_avg_sq, step)] of every parameter, in parameter order."""
+    moments = []
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.optimizer.state[param]
+            moments.append((state["exp_avg"].clone(), state["exp_avg_sq"].clone(),
+                            float(state["step"])))
+    return moments
+
+
+def _continue_training(chunks, optimizer, scheduler, first_iteration):
+    losses = [_train_step(chunks, optimizer, scheduler, it)
+              for it in (first_iteration, first_iteration + 1)]
+    return {"losses": losses, "lr": optimizer.param_groups[0]["lr"], "rng": _rng_draws()}
+
+
+def _round_trip(directory):
+    """Train 2 steps, save, train 2 more (the uninterrupted run); then load into a freshly
+    initialised model and train the same 2 steps (the resumed run)."""
+    from megatron_irl.training.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+
+    chunks, optimizer, scheduler = _build_training()
+    _advance_rngs_by_rank()
+    for iteration in (1, 2):
+        _train_step(chunks, optimizer, scheduler, iteration)
+    save_checkpoint(directory, TrainingState(2, 2 * GLOBAL_BATCH, CONFIG),
+                    chunks, optimizer, scheduler)
+    saved = {"moments": _adam_moments(optimizer), "scheduler": scheduler.state_dict()}
+    uninterrupted = _continue_training(chunks, optimizer, scheduler, 3)
+
+    fresh_chunks, fresh_optimizer, fresh_scheduler = _build_training()
+    state = load_checkpoint(directory, fresh_chunks, fresh_optimizer, fresh_scheduler)
+    loaded = {"moments": _adam_moments(fresh_optimizer),
+              "scheduler": fresh_scheduler.state_dict()}
+    resumed = _continue_training(fresh_chunks, fresh_optimizer, fresh_scheduler, 3)
+    return {"state": state, "saved": saved, "loaded": loaded,
+            "uninterrupted": uninterrupted, "resumed": resumed}
+
+
+def _eval_logits(chunks):
+    """Full logits [b, s, v] (gathered over TP) of a fixed batch, dropout off."""
+    from megatron.core import tensor_parallel
+
+    model = chunks[0].module
+    batch = _microbatches(0, 1)[0]
+    model.eval()
+    with torch.no_grad():
+        logits = model(batch["tokens"], batch["position_ids"], None)  # [b, s, v/tp]
+    model.train()
+    return tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+
+
+def _save_then_step(directory):
+    """Train 1 step, save; logits at the save and after one more step."""
+    from megatron_irl.training.checkpoint import TrainingState, save_checkpoint
+
+    chunks, optimizer, scheduler = _build_training(dropout=0.0)
+    _train_step(chunks, optimizer, scheduler, 1)
+    save_checkpoint(directory, TrainingState(1, GLOBAL_BATCH, CONFIG), chunks, optimizer, scheduler)
+    at_save = _eval_logits(chunks)
+    _train_step(chunks, optimizer, scheduler, 2)
+    return {"at_save": at_save, "after_step": _eval_logits(chunks)}
+
+
+def _load_then_step(directory):
+    """Load into a fresh model; logits before loading, after it and after one more step."""
+    from megatron_irl.training.checkpoint import load_checkpoint
+
+    chunks, optimizer, scheduler = _build_training(dropout=0.0)
+    fresh = _eval_logits(chunks)
+    load_checkpoint(directory, chunks, optimizer, scheduler)
+    loaded = _eval_logits(chunks)
+    _train_step(chunks, optimizer, scheduler, 2)
+    return {"fresh": fresh, "loaded": loaded, "after_step": _eval_logits(chunks)}
+
+
+class _SimulatedCrash(Exception):
+    pass
+
+
+def _local_weights(chunks):
+    return {name: p.detach().clone() for name, p in chunks[0].module.named_parameters()}
+
+
+def _save_that_fails_after_the_shards(directory):
+    """Save iteration 1; make the save of iteration 2 fail on every rank right after
+    dist_checkpointing wrote its shards; then load, and save iteration 2 again."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_irl.training.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+
+    chunks, optimizer, scheduler = _build_training()
+    _train_step(chunks, optimizer, scheduler, 1)
+    save_checkpoint(directory, TrainingState(1, GLOBAL_BATCH, CONFIG), chunks, optimizer, scheduler)
+    weights_at_1 = _local_weights(chunks)
+    _train_step(chunks, optimizer, scheduler, 2)
+
+    real_save = dist_checkpointing.save
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise _SimulatedCrash()
+
+    dist_checkpointing.save = save_then_crash
+    try:
+        save_checkpoint(directory, TrainingState(2, 2 * GLOBAL_BATCH, CONFIG),
+                        chunks, optimizer, scheduler)
+        crashed = False
+    except _SimulatedCrash:
+        crashed = True
+    finally:
+        dist_checkpointing.save = real_save
+    torch.distributed.barrier()  # rank 0 has looked at the files before anyone saves again
+    after_crash = {"marker": latest_iteration(directory),
+                   "partial_files": sorted(os.listdir(iteration_dir(directory, 2)))}
+    torch.distributed.barrier()
+
+    fresh_chunks, fresh_optimizer, fresh_scheduler = _build_training()
+    state = load_checkpoint(directory, fresh_chunks, fresh_optimizer, fresh_scheduler)
+    loaded = {"iteration": state.iteration, "weights_equal": all(
+        torch.equal(weights_at_1[name], weight)
+        for name, weight in _local_weights(fresh_chunks).items())}
+
+    save_checkpoint(directory, TrainingState(2, 2 * GLOBAL_BATCH, CONFIG),
+                    chunks, optimizer, scheduler)
+    return {"crashed": crashed, "after_crash": after_crash, "loaded": loaded,
+            "marker_after_resave": latest_iteration(directory)}
+
+
+def _load_iteration(directory, hidden_size=64):
+    from megatron_irl.training.checkpoint import load_checkpoint
+
+    chunks, optimizer, scheduler = _build_training(hidden_size=hidden_size)
+    return load_checkpoint(directory, chunks, optimizer, scheduler).iteration
+
+
+def _killed_save_main(directory, ready_path, store_path):
+    """The killed process (a world of one rank): save iteration 1, then write the shards
+    of iteration 2, create ``ready_path`` and wait to be killed."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+
+    from megatron_irl.platform import enable_cpu_support
+    from megatron_irl.training.checkpoint import TrainingState, save_checkpoint
+
+    os.setsid()  # a session of its own, which the test kills as a whole
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=0, world_size=1)
+    enable_cpu_support()
+    parallel_state.initialize_model_parallel()
+    tensor_parallel.model_parallel_cuda_manual_seed(1)
+    chunks, optimizer, scheduler = _build_training()
+    _train_step(chunks, optimizer, scheduler, 1)
+    save_checkpoint(directory, TrainingState(1, GLOBAL_BATCH, CONFIG), chunks, optimizer, scheduler)
+
+    real_save = dist_checkpointing.save
+
+    def save_then_wait_for_kill(*args, **kwargs):
+        real_save(*args, **kwargs)
+        open(ready_path, "w").close()
+        time.sleep(300)
+
+    dist_checkpointing.save = save_then_wait_for_kill
+    _train_step(chunks, optimizer, scheduler, 2)
+    save_checkpoint(directory, TrainingState(2, 2 * GLOBAL_BATCH, CONFIG),
+                    chunks, optimizer, scheduler)
+
+
+# ---------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def round_trip(tmp_path_factory):
+    """The round trip at PP=2 (one layer per stage); per-rank results and the directory."""
+    directory = str(tmp_path_factory.mktemp("round_trip"))
+    return run_distributed(_round_trip, WORLD_SIZE, pp=2, args=(directory,)), directory
+
+
+def test_resumed_run_continues_with_the_uninterrupted_losses(round_trip):
+    results, _ = round_trip
+    last_stage = results[1]
+    assert len(last_stage["uninterrupted"]["losses"]) == 2
+    assert last_stage["resumed"]["losses"] == last_stage["uninterrupted"]["losses"]
+
+
+def test_load_restores_adam_moments_and_scheduler_exactly(round_trip):
+    for rank_result in round_trip[0]:
+        saved, loaded = rank_result["saved"], rank_result["loaded"]
+        assert loaded["scheduler"] == saved["scheduler"]
+        assert saved["scheduler"]["num_steps"] == 2 * GLOBAL_BATCH
+        assert len(loaded["moments"]) == len(saved["moments"]) > 0
+        for (avg, avg_sq, step), (saved_avg, saved_avg_sq, saved_step) in zip(
+                loaded["moments"], saved["moments"]):
+            assert torch.equal(avg, saved_avg) and torch.equal(avg_sq, saved_avg_sq)
+            assert step == saved_step == 2
+        assert rank_result["resumed"]["lr"] == rank_result["uninterrupted"]["lr"]
+
+
+def test_load_restores_every_ranks_own_rng_streams(round_trip):
+    results, _ = round_trip
+    for rank_result in results:
+        resumed, uninterrupted = rank_result["resumed"]["rng"], rank_result["uninterrupted"]["rng"]
+        assert resumed.keys() == uninterrupted.keys()
+        for name, draw in uninterrupted.items():
+            np.testing.assert_array_equal(resumed[name], draw, err_msg=name)
+    # The ranks' streams were advanced differently before the save.
+    assert results[0]["resumed"]["rng"]["python"] != results[1]["resumed"]["rng"]["python"]
+
+
+def test_load_returns_the_saved_training_state(round_trip):
+    for rank_result in round_trip[0]:
+        state = rank_result["state"]
+        assert (state.iteration, state.consumed_samples, state.config) == (
+            2, 2 * GLOBAL_BATCH, CONFIG)
+
+
+def test_save_writes_config_yaml_and_marker_naming_the_iteration(round_trip):
+    _, directory = round_trip
+    with open(os.path.join(iteration_dir(directory, 2), "config.yaml")) as file:
+        assert yaml.safe_load(file) == CONFIG
+    with open(os.path.join(directory, "latest_checkpointed_iteration.txt")) as file:
+        assert file.read() == "2\n"
+    assert latest_iteration(directory) == 2
+
+
+@pytest.fixture(scope="module")
+def tp2_to_tp1(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("tp2_to_tp1"))
+    at_tp2 = run_distributed(_save_then_step, WORLD_SIZE, tp=2, seed=1, args=(directory,))
+    at_tp1 = run_distributed(_load_then_step, WORLD_SIZE, tp=1, seed=2, args=(directory,))
+    return at_tp2[0], at_tp1
+
+
+def test_tp2_checkpoint_loads_at_tp1_with_identical_outputs(tp2_to_tp1):
+    at_tp2, at_tp1 = tp2_to_tp1
+    for rank_result in at_tp1:
+        assert not torch.allclose(rank_result["fresh"], at_tp2["at_save"])
+        torch.testing.assert_close(rank_result["loaded"], at_tp2["at_save"], rtol=1e-5, atol=1e-6)
+
+
+def test_tp2_optimizer_state_resumes_at_tp1_with_the_same_next_step(tp2_to_tp1):
+    at_tp2, at_tp1 = tp2_to_tp1
+    assert not torch.allclose(at_tp2["after_step"], at_tp2["at_save"])
+    for rank_result in at_tp1:
+        torch.testing.assert_close(rank_result["after_step"], at_tp2["after_step"],
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_save_failing_after_its_shards_leaves_the_previous_checkpoint_loadable(tmp_path):
+    for result in run_distributed(_save_that_fails_after_the_shards, WORLD_SIZE,
+                                  args=(str(tmp_path),)):
+        assert result["crashed"]
+        assert result["after_crash"]["marker"] == 1
+        # dist_checkpointing had finished; only the training state and marker were missing.
+        assert "metadata.json" in result["after_crash"]["partial_files"]
+        assert "training_state.json" not in result["after_crash"]["partial_files"]
+        assert result["loaded"] == {"iteration": 1, "weights_equal": True}
+        assert result["marker_after_resave"] == 2
+
+
+def test_save_killed_before_its_marker_leaves_the_previous_checkpoint_loadable(tmp_path):
+    directory, ready = tmp_path / "checkpoints", tmp_path / "shards-written"
+    # Forked: this process has torch and Megatron imported already (a fresh interpreter
+    # would spend seconds importing them again) and has no session of its own.
+    process = multiprocessing.get_context("fork").Process(
+        target=_killed_save_main, args=(str(directory), str(ready), str(tmp_path / "store")))
+    process.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert process.is_alive(), f"the saving process exited with {process.exitcode}"
+            assert time.monotonic() < deadline, "the saving process wrote no shards in 60 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # with dist_checkpointing's helper processes
+        process.join()
+
+    assert os.path.exists(os.path.join(iteration_dir(str(directory), 2), ".metadata"))
+    assert latest_iteration(str(directory)) == 1
+    assert run_distributed(_load_iteration, WORLD_SIZE, args=(str(directory),)) == [1, 1]
+
+
+def test_load_without_a_checkpoint_names_the_load_flag_and_directory(tmp_path):
+    with pytest.raises(CheckpointError, match=re.escape(f"--load {tmp_path}: nothing to load")):
+        run_distributed(_load_iteration, WORLD_SIZE, args=(str(tmp_path),))
+
+
+def test_load_into_a_different_hidden_size_names_the_differing_fields(round_trip):
+    _, directory = round_trip
+    with pytest.raises(CheckpointError) as raised:
+        run_distributed(_load_iteration, WORLD_SIZE, args=(directory, 128))
+    message = str(raised.value)
+    assert "hidden_size (--hidden-size): checkpoint 64, this run 128" in message
+    assert "ffn_hidden_size (--ffn-hidden-size): checkpoint 256, this run 512" in message
+    assert "num_layers" not in message
+
+
+def test_latest_iteration_is_none_without_a_marker(tmp_path):
+    assert latest_iteration(str(tmp_path)) is None
+    assert latest_iteration(str(tmp_path / "missing")) is None

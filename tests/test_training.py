@@ -1,0 +1,187 @@
+"""The training job end to end: real torchrun launches of ``megatron_irl.train`` on CPU/gloo.
+
+Every run uses the bundled tiny configuration, shortened, and writes its per-step scalars to a
+JSONL metrics file that the tests compare. Dropout is 0 in that configuration, so runs that
+only differ in how the work is split must produce the same losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "examples" / "tiny.yaml"
+GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny_soft_q_losses.json"
+
+SHORT_RUN = [
+    "--train-iters", "4", "--lr-warmup-iters", "1", "--log-interval", "1",
+    "--micro-batch-size", "2", "--global-batch-size", "8", "--progress-bar", "off",
+    "--save-interval", "1000", "--tensorboard-dir", "", "--valid-data-path", "",
+]
+
+
+def _command(nproc: int, flags: list[str]) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
+    return launcher + ["-m", "megatron_irl.train", "--config", str(TINY), *flags]
+
+
+def _env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    return env
+
+
+def run_train(tmp_path: Path, nproc: int, *flags: str, name: str = "run") -> list[dict]:
+    """Run the trainer; return the training steps' scalars from its metrics file."""
+    metrics = tmp_path / f"{name}.metrics.jsonl"
+    result = subprocess.run(
+        _command(nproc, [*SHORT_RUN, "--save", str(tmp_path / f"{name}_ckpt"),
+                         "--metrics-file", str(metrics), *flags]),
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    steps = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [step for step in steps if step["split"] == "train"]
+
+
+def losses(steps: list[dict]) -> dict[int, float]:
+    return {step["iteration"]: step["loss"] for step in steps}
+
+
+def assert_same_losses(actual: dict, expected: dict, rel: float = 1e-5) -> None:
+    assert actual.keys() == expected.keys()
+    for iteration in actual:
+        assert actual[iteration] == pytest.approx(expected[iteration], rel=rel), iteration
+
+
+@pytest.fixture(scope="module")
+def single_rank_run(tmp_path_factory) -> list[dict]:
+    return run_train(tmp_path_factory.mktemp("single"), 1)
+
+
+def test_tensor_parallel_matches_single_rank(tmp_path, single_rank_run):
+    tp2 = run_train(tmp_path, 2, "--tensor-model-parallel-size", "2")
+    assert_same_losses(losses(tp2), losses(single_rank_run))
+
+
+def test_data_parallel_matches_single_rank(tmp_path, single_rank_run):
+    dp2 = run_train(tmp_path, 2)
+    assert_same_losses(losses(dp2), losses(single_rank_run))
+
+
+def test_pipeline_schedules_match_no_pipelining_from_the_same_checkpoint(tmp_path):
+    # Initialisation seeds differ per pipeline stage, so all runs start from one checkpoint
+    # (saved at PP=1 after one step) and resume: the 1F1B and interleaved schedules must then
+    # give the no-pipelining losses. Four layers so that 2 stages x 2 chunks divide them.
+    four_layers = ["--num-layers", "4"]
+    run_train(tmp_path, 1, *four_layers, "--train-iters", "1", "--lr-warmup-iters", "0",
+              name="init")
+    resume = [*four_layers, "--load", str(tmp_path / "init_ckpt"), "--train-iters", "3"]
+    no_pipelining = losses(run_train(tmp_path, 1, *resume, name="pp1"))
+    one_f_one_b = losses(run_train(tmp_path, 2, *resume, "--pipeline-model-parallel-size", "2",
+                                   name="pp2"))
+    interleaved = losses(run_train(tmp_path, 2, *resume, "--pipeline-model-parallel-size", "2",
+                                   "--virtual-pipeline-model-parallel-size", "2", name="vpp2"))
+    assert list(no_pipelining) == [2, 3]
+    assert_same_losses(one_f_one_b, no_pipelining)
+    assert_same_losses(interleaved, no_pipelining)
+
+
+def test_loss_falls_on_the_tiny_set(tmp_path):
+    steps = run_train(tmp_path, 1, "--train-iters", "40", "--lr-warmup-iters", "4")
+    first, last = steps[0]["loss"], steps[-1]["loss"]
+    assert last < 0.6 * first, (first, last)
+    assert steps[-1]["nll"] < steps[0]["nll"]
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
+    uninterrupted = losses(run_train(tmp_path, 1, "--train-iters", "6", name="whole"))
+    run_train(tmp_path, 1, "--train-iters", "6", "--exit-interval", "3", name="first_half")
+    resumed = losses(run_train(tmp_path, 1, "--train-iters", "6", "--load",
+                               str(tmp_path / "first_half_ckpt"), name="second_half"))
+    assert list(resumed) == [4, 5, 6]
+    assert_same_losses(resumed, {i: uninterrupted[i] for i in (4, 5, 6)})
+
+
+def test_tensor_parallel_checkpoint_resumes_at_tp1(tmp_path):
+    run_train(tmp_path, 2, "--tensor-model-parallel-size", "2", "--train-iters", "6",
+              "--exit-interval", "3", name="tp2")
+    resumed = losses(run_train(tmp_path, 1, "--train-iters", "6", "--load",
+                               str(tmp_path / "tp2_ckpt"), name="tp1"))
+    uninterrupted = losses(run_train(tmp_path, 1, "--train-iters", "6", name="whole"))
+    assert_same_losses(resumed, {i: uninterrupted[i] for i in (4, 5, 6)})
+
+
+def test_golden_loss_curve(tmp_path, single_rank_run):
+    """Catches silent numerical changes: the tiny run's first losses are pinned."""
+    expected = {int(k): v for k, v in json.loads(GOLDEN.read_text()).items()}
+    assert_same_losses(losses(single_rank_run), expected, rel=1e-4)
+
+
+def test_mle_entropy_baseline_trains_and_logs_entropy(tmp_path):
+    steps = run_train(tmp_path, 1, "--irl-loss", "mle_entropy", "--irl-entropy-coef", "0.01")
+    assert all(step["entropy"] > 0 for step in steps)
+    # loss = nll - coef * entropy per trained token
+    for step in steps:
+        assert step["loss"] == pytest.approx(step["nll"] - 0.01 * step["entropy"], rel=1e-5)
+
+
+def test_lambda_zero_logs_no_td_contribution(tmp_path):
+    steps = run_train(tmp_path, 1, "--irl-lambda", "0")
+    for step in steps:
+        assert step["loss"] == pytest.approx(step["nll"], rel=1e-6)
+        assert step["td_squared"] > 0  # still measured, just not trained on
+
+
+def test_termination_signal_saves_a_checkpoint_and_the_run_resumes_there(tmp_path):
+    metrics = tmp_path / "signal.metrics.jsonl"
+    save = tmp_path / "signal_ckpt"
+    proc = subprocess.Popen(
+        _command(1, [*SHORT_RUN, "--train-iters", "100000", "--save", str(save),
+                     "--metrics-file", str(metrics)]),
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-4000:]
+    stopped_at = int((save / "latest_checkpointed_iteration.txt").read_text())
+    assert stopped_at >= 2
+    assert f"stopping at iteration {stopped_at}" in output
+    resumed = run_train(tmp_path, 1, "--train-iters", str(stopped_at + 2),
+                        "--load", str(save), name="after_signal")
+    assert [step["iteration"] for step in resumed] == [stopped_at + 1, stopped_at + 2]
+
+
+def test_invalid_configuration_stops_before_any_process_group(tmp_path):
+    result = subprocess.run(
+        _command(2, [*SHORT_RUN, "--global-batch-size", "6", "--micro-batch-size", "4"]),
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "--global-batch-size" in result.stderr
+    assert "init_process_group" not in result.stderr
+
+
+def test_malformed_training_data_names_file_and_line(tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "Q: 1?", "response": " 1"}\n{"prompt": "Q: 2?", "respon\n')
+    result = subprocess.run(
+        _command(1, [*SHORT_RUN, "--train-data-path", str(data)]),
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1
+    assert f"{data}:2" in result.stderr

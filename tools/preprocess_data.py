@@ -1,0 +1,48 @@
+"""Tokenize an SFT JSONL file once into memory-mapped binaries for training.
+
+    python tools/preprocess_data.py --input train.jsonl --tokenizer TOKENIZER \\
+        --output-prefix data/train
+
+writes data/train.bin, .idx, .lines.npy and .meta.json (see megatron_irl.data.indexed);
+pass data/train as the training data path. TOKENIZER is a Hugging Face tokenizer directory
+or a sentencepiece .model file. Bad records stop it with file:line; data problems (empty
+responses, ...) are counted and printed, or stop it with --strict.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_irl.data import DataError, load_tokenizer, preprocess_jsonl  # noqa: E402
+from megatron_irl.data.report import PROBLEMS  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--input", required=True, help="SFT JSONL file")
+    parser.add_argument(
+        "--tokenizer", required=True, help="Hugging Face tokenizer dir or sentencepiece .model"
+    )
+    parser.add_argument("--output-prefix", required=True)
+    parser.add_argument("--strict", action="store_true", help="fail on any data problem")
+    args = parser.parse_args(argv)
+    try:
+        report = preprocess_jsonl(
+            args.input, load_tokenizer(args.tokenizer), args.output_prefix, strict=args.strict
+        )
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output_prefix}.{{bin,idx,lines.npy,meta.json}}: {report.num_documents} "
+          f"documents from {report.num_records} records")
+    for kind, count in sorted(report.problem_counts.items()):
+        print(f"  {count} x {PROBLEMS[kind]} (e.g. {', '.join(report.problem_examples[kind])})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -353,6 +353,10 @@ class IRLConfig(_Section):
         "soft_q: MLE + lambda * TD^2 (inverse soft-Q); mle_entropy: MLE - coef * entropy baseline.")
     irl_lambda: float = _opt(
         0.1, "--irl-lambda", "Weight of the TD regulariser; 0 is plain MLE (soft_q).")
+    irl_lambda_warmup_iters: int = _opt(
+        0, "--irl-lambda-warmup-iters",
+        "Ramp lambda linearly from 0 over this many steps (pre-trained logits carry an offset "
+        "the TD term pulls on hard at first); 0: full lambda from the start.")
     irl_gamma: float = _opt(
         1.0, "--irl-gamma",
         "Discount in the TD term (soft_q); the paper does not state it: LM reproductions use 1.0.")
@@ -361,9 +365,20 @@ class IRLConfig(_Section):
         "Ablation: no gradient through V(s_t+1) in the TD term (soft_q).")
     entropy_coef: float = _opt(
         0.0, "--irl-entropy-coef", "Entropy bonus weight (mle_entropy only).")
+    fused_output_loss: bool = _opt(
+        False, "--fused-output-loss",
+        "Fuse the output layer into the soft-Q loss, chunked over tokens, so the [tokens, "
+        "vocab/TP] logits are never held whole (same losses and gradients; soft_q only).")
+    fused_output_chunk_size: int = _opt(
+        256, "--fused-output-chunk-size",
+        "Tokens per chunk of --fused-output-loss; its buffer is chunk x vocab/TP fp32.")
 
     def _validate(self) -> None:
-        self._require_at_least(0, "irl_lambda", "entropy_coef")
+        self._require_at_least(0, "irl_lambda", "entropy_coef", "irl_lambda_warmup_iters")
+        self._require_at_least(1, "fused_output_chunk_size")
+        if self.fused_output_loss:
+            self._require(self.loss == "soft_q", "fused_output_loss",
+                          f"be off unless {self.flag('loss')} soft_q (the entropy needs logits)")
         self._require(0 <= self.irl_gamma <= 1, "irl_gamma", "be in [0, 1]")
         if self.loss == "soft_q":
             self._require(self.entropy_coef == 0, "entropy_coef",

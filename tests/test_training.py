@@ -24,7 +24,7 @@ GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny_soft_q_losses.json"
 SHORT_RUN = [
     "--train-iters", "4", "--lr-warmup-iters", "1", "--log-interval", "1",
     "--micro-batch-size", "2", "--global-batch-size", "8", "--progress-bar", "off",
-    "--save-interval", "1000", "--tensorboard-dir", "", "--valid-data-path", "",
+    "--tensorboard-dir", "", "--valid-data-path", "", "--save", "", "--save-interval", "",
 ]
 
 
@@ -41,12 +41,16 @@ def _env() -> dict:
     return env
 
 
-def run_train(tmp_path: Path, nproc: int, *flags: str, name: str = "run") -> list[dict]:
-    """Run the trainer; return the training steps' scalars from its metrics file."""
+def run_train(tmp_path: Path, nproc: int, *flags: str, name: str = "run",
+              save: bool = False) -> list[dict]:
+    """Run the trainer; return the training steps' scalars from its metrics file.
+
+    With ``save`` the final checkpoint goes to ``tmp_path / f"{name}_ckpt"``.
+    """
     metrics = tmp_path / f"{name}.metrics.jsonl"
+    save_flags = ["--save", str(tmp_path / f"{name}_ckpt")] if save else []
     result = subprocess.run(
-        _command(nproc, [*SHORT_RUN, "--save", str(tmp_path / f"{name}_ckpt"),
-                         "--metrics-file", str(metrics), *flags]),
+        _command(nproc, [*SHORT_RUN, *save_flags, "--metrics-file", str(metrics), *flags]),
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
@@ -69,6 +73,12 @@ def single_rank_run(tmp_path_factory) -> list[dict]:
     return run_train(tmp_path_factory.mktemp("single"), 1)
 
 
+@pytest.fixture(scope="module")
+def six_step_losses(tmp_path_factory) -> dict[int, float]:
+    """An uninterrupted 6-step run, for the resume tests to match."""
+    return losses(run_train(tmp_path_factory.mktemp("six"), 1, "--train-iters", "6"))
+
+
 def test_tensor_parallel_matches_single_rank(tmp_path, single_rank_run):
     tp2 = run_train(tmp_path, 2, "--tensor-model-parallel-size", "2")
     assert_same_losses(losses(tp2), losses(single_rank_run))
@@ -85,7 +95,7 @@ def test_pipeline_schedules_match_no_pipelining_from_the_same_checkpoint(tmp_pat
     # give the no-pipelining losses. Four layers so that 2 stages x 2 chunks divide them.
     four_layers = ["--num-layers", "4"]
     run_train(tmp_path, 1, *four_layers, "--train-iters", "1", "--lr-warmup-iters", "0",
-              name="init")
+              name="init", save=True)
     resume = [*four_layers, "--load", str(tmp_path / "init_ckpt"), "--train-iters", "3"]
     no_pipelining = losses(run_train(tmp_path, 1, *resume, name="pp1"))
     one_f_one_b = losses(run_train(tmp_path, 2, *resume, "--pipeline-model-parallel-size", "2",
@@ -104,22 +114,21 @@ def test_loss_falls_on_the_tiny_set(tmp_path):
     assert steps[-1]["nll"] < steps[0]["nll"]
 
 
-def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
-    uninterrupted = losses(run_train(tmp_path, 1, "--train-iters", "6", name="whole"))
-    run_train(tmp_path, 1, "--train-iters", "6", "--exit-interval", "3", name="first_half")
+def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, six_step_losses):
+    run_train(tmp_path, 1, "--train-iters", "6", "--exit-interval", "3", name="first_half",
+              save=True)
     resumed = losses(run_train(tmp_path, 1, "--train-iters", "6", "--load",
                                str(tmp_path / "first_half_ckpt"), name="second_half"))
     assert list(resumed) == [4, 5, 6]
-    assert_same_losses(resumed, {i: uninterrupted[i] for i in (4, 5, 6)})
+    assert_same_losses(resumed, {i: six_step_losses[i] for i in (4, 5, 6)})
 
 
-def test_tensor_parallel_checkpoint_resumes_at_tp1(tmp_path):
+def test_tensor_parallel_checkpoint_resumes_at_tp1(tmp_path, six_step_losses):
     run_train(tmp_path, 2, "--tensor-model-parallel-size", "2", "--train-iters", "6",
-              "--exit-interval", "3", name="tp2")
+              "--exit-interval", "3", name="tp2", save=True)
     resumed = losses(run_train(tmp_path, 1, "--train-iters", "6", "--load",
                                str(tmp_path / "tp2_ckpt"), name="tp1"))
-    uninterrupted = losses(run_train(tmp_path, 1, "--train-iters", "6", name="whole"))
-    assert_same_losses(resumed, {i: uninterrupted[i] for i in (4, 5, 6)})
+    assert_same_losses(resumed, {i: six_step_losses[i] for i in (4, 5, 6)})
 
 
 def test_golden_loss_curve(tmp_path, single_rank_run):
@@ -185,3 +194,13 @@ def test_malformed_training_data_names_file_and_line(tmp_path):
     )
     assert result.returncode == 1
     assert f"{data}:2" in result.stderr
+
+
+def test_lambda_warmup_continues_across_a_resume(tmp_path):
+    warm_up = ["--irl-lambda-warmup-iters", "4", "--train-iters", "6"]
+    first = run_train(tmp_path, 1, *warm_up, "--exit-interval", "2", name="first", save=True)
+    second = run_train(tmp_path, 1, *warm_up, "--load", str(tmp_path / "first_ckpt"),
+                       name="second")
+    # Step k (1-based) trains with lambda_at(k - 1): 0.1 * (k - 1) / 4, then 0.1.
+    assert [step["lambda"] for step in first + second] == pytest.approx(
+        [0.0, 0.025, 0.05, 0.075, 0.1, 0.1])

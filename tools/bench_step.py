@@ -83,36 +83,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
 
-    from megatron.core.distributed import finalize_model_grads
-
     from megatron_irl.config import IRLConfig
     from megatron_irl.training.distributed import init_distributed, shutdown_distributed
-    from megatron_irl.training.loop import train_step
-    from megatron_irl.training.model import build_model_chunks, wrap_data_parallel
+    from megatron_irl.training.loop import build_trainable, train_step
     from megatron_irl.training.objective import Objective
-    from megatron_irl.training.optimizer import build_optimizer, build_scheduler
 
     os.environ.setdefault("MASTER_PORT", "29710")
     cfg = _config(args)
     init_distributed(cfg.parallel, seed=1234)
-    chunks = build_model_chunks(cfg, args.vocab)
-    model = wrap_data_parallel(cfg, chunks)
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer)
-    config = chunks[0].config
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = model[0].no_sync
+    trainable = build_trainable(cfg, args.vocab)
     micro_batches = _micro_batches(args)
     objectives = {
-        "mle": Objective(IRLConfig(irl_lambda=0.0)),
-        "irl": Objective(IRLConfig(irl_lambda=args.irl_lambda)),
+        "mle": Objective(IRLConfig(irl_lambda=0.0), iteration=0),
+        "irl": Objective(IRLConfig(irl_lambda=args.irl_lambda), iteration=0),
         "mle_megatron": _MegatronCrossEntropy(),
     }
     times = {name: [] for name in objectives}
     for repeat in range(args.repeats + 1):  # the first round warms up
         for name, objective in objectives.items():
             start = time.perf_counter()
-            train_step(model, optimizer, scheduler, micro_batches, objective, cfg)
+            train_step(trainable.model, trainable.optimizer, trainable.scheduler,
+                       micro_batches, objective, cfg)
             if repeat:
                 times[name].append(time.perf_counter() - start)
     shutdown_distributed()

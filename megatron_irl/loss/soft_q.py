@@ -109,6 +109,11 @@ def _per_token_grad_coefficients(
     return coef_value, coef_target
 
 
+def _upstream_grads(grads, like: torch.Tensor) -> SoftQLossOutput:
+    """The four upstream gradients of an autograd backward as fp32, zeros for ``None``."""
+    return SoftQLossOutput(*(torch.zeros_like(like) if g is None else g.float() for g in grads))
+
+
 def _vocab_range(local_vocab: int, tp_group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
     rank = dist.get_rank(tp_group) if tp_group is not None else 0
     return rank * local_vocab, (rank + 1) * local_vocab
@@ -159,10 +164,7 @@ class _VocabParallelSoftQLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_nll, grad_delta, grad_value):
         softmax, owned, local_label, delta, loss_mask, terminal, td_active = ctx.saved_tensors
-        upstream = SoftQLossOutput(
-            *(torch.zeros_like(delta) if g is None else g.float()
-              for g in (grad_loss, grad_nll, grad_delta, grad_value))
-        )
+        upstream = _upstream_grads((grad_loss, grad_nll, grad_delta, grad_value), delta)
         coef_value, coef_target = _per_token_grad_coefficients(
             upstream, delta, loss_mask, terminal, td_active,
             ctx.lam, ctx.gamma, ctx.stop_value_grad,
@@ -178,15 +180,27 @@ def _check_inputs(logits, labels, loss_mask, terminal, lam, gamma, tp_size, chec
         raise ValueError(f"logits must be [b, s, v/tp], got shape {tuple(logits.shape)}")
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    _check_per_token_inputs(
+        f"logits {tuple(logits.shape)}", logits.shape[:2], logits.device,
+        labels, loss_mask, terminal, lam, gamma,
+        vocab_size=logits.size(-1) * tp_size if check_labels else None,
+    )
+
+
+def _check_per_token_inputs(source, batch_shape, device, labels, loss_mask, terminal,
+                            lam, gamma, vocab_size):
+    """Checks of the ``[b, s]`` inputs and hyperparameters shared by the unfused and fused
+    losses. ``source`` names the tensor they must match; ``vocab_size`` (None: skip) asks for
+    the trained-label range check, which needs a device sync."""
     per_token = {"labels": labels, "loss_mask": loss_mask, "terminal": terminal}
     for name, tensor in per_token.items():
-        if tuple(tensor.shape) != tuple(logits.shape[:2]):
+        if tuple(tensor.shape) != tuple(batch_shape):
             raise ValueError(
-                f"{name} must be [b, s] = {tuple(logits.shape[:2])} to match logits "
-                f"{tuple(logits.shape)}, got {tuple(tensor.shape)}"
+                f"{name} must be [b, s] = {tuple(batch_shape)} to match {source}, "
+                f"got {tuple(tensor.shape)}"
             )
-        if tensor.device != logits.device:
-            raise ValueError(f"{name} is on {tensor.device}, logits on {logits.device}")
+        if tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device}, {source} on {device}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise TypeError(f"labels must be integer token ids, got {labels.dtype}")
     if not loss_mask.dtype.is_floating_point:
@@ -197,8 +211,7 @@ def _check_inputs(logits, labels, loss_mask, terminal, lam, gamma, tp_size, chec
         raise ValueError(f"lam (--irl-lambda) must be finite and >= 0, got {lam}")
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma (--irl-gamma) must be in [0, 1], got {gamma}")
-    if check_labels:  # needs a device sync: behind a switch
-        vocab_size = logits.size(-1) * tp_size
+    if vocab_size is not None:
         trained_labels = labels[loss_mask > 0]
         bad = (trained_labels < 0) | (trained_labels >= vocab_size)
         if bool(bad.any()):

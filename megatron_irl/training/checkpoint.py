@@ -17,6 +17,8 @@ What one checkpoint holds (a single dist_checkpointing state dict):
   their global sharded keys, so a checkpoint loads into any TP / PP / DP layout.
 * ``optimizer``: ``optimizer.sharded_state_dict(model state)`` (Adam moments keyed like
   their parameters, hence reshardable as well; param groups and step go to common.pt).
+  Absent when saved before the first optimizer step (there are no moments yet); loading
+  such a checkpoint leaves the optimizer as built.
 * ``opt_param_scheduler``: ``OptimizerParamScheduler.state_dict()`` (common.pt).
 * ``rng_state.*``: every rank's random states (Python, NumPy, torch CPU, CUDA when
   present, Megatron's RNG tracker), each a 1-D tensor sharded over a [pp, tp, dp*cp, n]
@@ -24,19 +26,24 @@ What one checkpoint holds (a single dist_checkpointing state dict):
   when the layout is unchanged: in another layout the ranks do not correspond.
 
 Crash safety: the marker file is replaced atomically (tmp file, fsync, ``os.replace``) by
-rank 0 only after a barrier that every rank reaches once its shards are written, and
-loading goes through the marker, so a save killed at any point leaves the previous
-checkpoint in charge. The half-written ``iter_*`` directory such a save leaves behind is
-ignored, and removed when a later save reaches the same iteration.
+rank 0 only after a barrier that every rank reaches once its shards are written (and
+fsynced: dist_checkpointing's writers do that), and loading goes through the marker, so a
+save killed at any point leaves the previous checkpoint in charge. The half-written
+``iter_*`` directory such a save leaves behind is ignored, and removed when a later save
+reaches the same iteration.
 
-Unpickling: this module reads its own files as JSON and stores nothing as
-``ShardedObject`` (torch_dist reads those with ``torch.load(weights_only=False)``).
-torch_dist itself reads common.pt with ``torch.load``'s default ``weights_only=True``
-unpickler and its ``.metadata`` tensor index with plain ``pickle`` (PyTorch Distributed
-Checkpoint's format): load checkpoints only from directories you trust.
+Unpickling: this module's own files are JSON, and it stores the RNG states as tensors
+rather than as ``ShardedObject`` (which torch_dist unpickles with
+``torch.load(weights_only=False)``). torch_dist itself still unpickles: tensor data is raw
+bytes, but common.pt is read with ``torch.load``'s default ``weights_only=True``
+unpickler, the ``.metadata`` tensor index with plain ``pickle`` (PyTorch Distributed
+Checkpoint's format), and the layers' ``_extra_state`` entries (None for the local spec,
+FP8 metadata for Transformer Engine layers) are ShardedObjects. Load checkpoints only
+from directories you trust.
 
-Every function here except :func:`latest_iteration` is collective over the default
-(world) process group: all ranks call it with the same arguments.
+:func:`save_checkpoint` and :func:`load_checkpoint` are collective over the default
+(world) process group: all ranks call them with the same arguments. The directory must be
+on a file system that all ranks share.
 """
 
 from __future__ import annotations
@@ -56,6 +63,7 @@ import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.optimizer import DistributedOptimizer
 from megatron.core.utils import unwrap_model
 
 from megatron_irl.config import ModelConfig
@@ -67,6 +75,13 @@ STATE_FILENAME = "training_state.json"
 CONFIG_FILENAME = "config.yaml"
 FORMAT_VERSION = 1
 _RNG_PREFIX = "rng_state."
+# Passed to the optimizer's sharded_state_dict (as Megatron-LM does): the distributed
+# optimizer then stores one canonical tensor per parameter and state, loadable at any
+# TP / PP / DP (gathered on data-parallel rank 0 while saving), and no pickled objects;
+# its default format in megatron-core 0.16 cannot be saved at all. Other optimizers
+# ignore it.
+_OPTIMIZER_STATE_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                             "chained_optim_avoid_prefix": True}
 
 
 class CheckpointError(RuntimeError):
@@ -136,33 +151,36 @@ def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, opt
     files and then the marker, after every rank's shards are on disk.
     """
     directory = iteration_dir(save_dir, state.iteration)
+    has_optimizer_state = _has_optimizer_state(optimizer)
     # Serialised up front so that a config that is not JSON-able fails on every rank
-    # before anything is written.
+    # before anything is written. The YAML takes the JSON form (tuples become lists).
     state_json = json.dumps({
         "format_version": FORMAT_VERSION,
         **dataclasses.asdict(state),
         "model_architecture": model_architecture(unwrap_model(model_chunks[0])),
-        "parallel_layout": _parallel_layout(len(model_chunks)),
+        "parallel_layout": _parallel_layout(),
+        "model_chunks": len(model_chunks),
+        "has_optimizer_state": has_optimizer_state,
     }, indent=2)
+    config_yaml = yaml.safe_dump(json.loads(state_json)["config"], sort_keys=False)
 
     if _on_rank0(lambda: _prepare_iteration_dir(save_dir, state.iteration), "prepare " + directory):
         log.warning("%s is already the latest complete checkpoint; not saving it again", directory)
         return directory
 
     model_state = _model_sharded_state_dict(model_chunks)
-    sharded_state = {
-        **model_state,
-        "optimizer": optimizer.sharded_state_dict(model_state),
-        "opt_param_scheduler": scheduler.state_dict(),
-        **_rng_sharded_state_dict(),
-    }
+    sharded_state = {**model_state, "opt_param_scheduler": scheduler.state_dict(),
+                     **_rng_sharded_state_dict()}
+    if has_optimizer_state:
+        sharded_state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, metadata=dict(_OPTIMIZER_STATE_METADATA))
     dist_checkpointing.save(sharded_state, directory)
     dist.barrier()  # every rank's shards are written: only now may the marker move
 
     def finish() -> int:
         _write_file_synced(os.path.join(directory, STATE_FILENAME), state_json)
-        _write_file_synced(os.path.join(directory, CONFIG_FILENAME),
-                           yaml.safe_dump(state.config, sort_keys=False))
+        _write_file_synced(os.path.join(directory, CONFIG_FILENAME), config_yaml)
+        _fsync_files_in(directory)  # also rank 0's common.pt and metadata.json
         _replace_file_atomically(os.path.join(save_dir, TRACKER_FILENAME), f"{state.iteration}\n")
         return 0
 
@@ -178,9 +196,9 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, scheduler
         load_dir: the ``--load`` directory.
         model_chunks: this rank's model chunks (any TP / PP / DP layout of the same
             architecture); their parameters are overwritten in place.
-        optimizer: loaded (Adam moments, step, param groups) when ``load_optimizer``;
-            otherwise only told to re-read the model parameters (mixed precision keeps
-            fp32 main copies of them).
+        optimizer: loaded (Adam moments, step, param groups) when ``load_optimizer`` and
+            the checkpoint has optimizer state; otherwise only told to re-read the model
+            parameters (mixed precision keeps fp32 main copies of them).
         scheduler: loaded when ``load_optimizer`` (it belongs to the optimizer's state).
         load_optimizer: False for ``--no-load-optim`` / ``--finetune``.
         load_rng: False for ``--no-load-rng`` / ``--finetune``. RNG states are also
@@ -190,8 +208,10 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, scheduler
         The saved :class:`TrainingState` (iteration, consumed samples, config).
 
     Raises:
-        CheckpointError: no checkpoint under ``load_dir``, an incomplete one, or one whose
-            model architecture differs from ``model_chunks[0]`` (names the fields).
+        CheckpointError: no checkpoint under ``load_dir``, an incomplete one, one whose
+            model architecture differs from ``model_chunks[0]`` (names the fields), or
+            optimizer state that megatron-core cannot load into ``optimizer`` (the
+            distributed optimizer on torch Adam).
 
     Collective over the world group. Mutates the model chunks, optimizer, scheduler and
     the process's RNG states.
@@ -204,9 +224,12 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, scheduler
 
     model_state = _model_sharded_state_dict(model_chunks)
     sharded_state = dict(model_state)
-    if load_optimizer and optimizer is not None:
-        sharded_state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True)
-    restore_rng = load_rng and _same_layout_for_rng(saved["parallel_layout"], len(model_chunks))
+    load_optimizer_state = load_optimizer and optimizer is not None and saved["has_optimizer_state"]
+    if load_optimizer_state:
+        _check_optimizer_state_loadable(optimizer)
+        sharded_state["optimizer"] = optimizer.sharded_state_dict(
+            model_state, is_loading=True, metadata=dict(_OPTIMIZER_STATE_METADATA))
+    restore_rng = load_rng and _same_layout_for_rng(saved["parallel_layout"])
     if restore_rng:
         sharded_state.update(_rng_sharded_state_dict())
 
@@ -214,11 +237,10 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, scheduler
 
     for key, model in zip(model_state, models):
         model.load_state_dict(loaded[key])
-    if optimizer is not None:
-        if load_optimizer:
-            optimizer.load_state_dict(loaded["optimizer"])
-        else:
-            optimizer.reload_model_params()
+    if load_optimizer_state:
+        optimizer.load_state_dict(loaded["optimizer"])
+    elif optimizer is not None:
+        optimizer.reload_model_params()
     if load_optimizer and scheduler is not None:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if restore_rng:
@@ -260,9 +282,9 @@ def _check_architecture(saved: dict, current: dict, directory: str) -> None:
         return
     flags = {f.name: f.metadata["flag"] for f in dataclasses.fields(ModelConfig)}
     flags["padded_vocab_size"] = ("the tokenizer's vocabulary padded to a multiple of "
-                                  "--make-vocab-size-divisible-by x --tensor-model-parallel-size")
-    lines = [f"  {name} ({flags[name]}): checkpoint {saved.get(name)!r}, "
-             f"this run {current[name]!r}" for name in differing]
+                                  "lcm(--make-vocab-size-divisible-by, --tensor-model-parallel-size)")
+    lines = [f"  {name}{f' ({flags[name]})' if name in flags else ''}: checkpoint "
+             f"{saved.get(name)!r}, this run {current[name]!r}" for name in differing]
     raise CheckpointError(
         f"checkpoint {directory} holds a model of a different architecture than this run's "
         f"(see its {CONFIG_FILENAME}):\n" + "\n".join(lines) +
@@ -281,6 +303,27 @@ def _model_sharded_state_dict(model_chunks: list) -> dict:
     return {f"model{i}": model.sharded_state_dict() for i, model in enumerate(models)}
 
 
+def _has_optimizer_state(optimizer) -> bool:
+    """Whether the optimizer holds per-parameter state (Adam moments): not before its
+    first step, and Megatron's ``sharded_state_dict`` cannot load a checkpoint without."""
+    optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(len(megatron_optimizer.optimizer.state) > 0 for megatron_optimizer in optimizers)
+
+
+def _check_optimizer_state_loadable(optimizer) -> None:
+    """Raise a CheckpointError for a DistributedOptimizer on torch Adam (no Apex / Transformer
+    Engine fused Adam): megatron-core 0.16 cannot load its state, failing on torch Adam's
+    per-parameter ``step`` (an AssertionError in ``state_dict``; past that, a KeyError)."""
+    torch_adam = (torch.optim.Adam, torch.optim.AdamW)
+    for megatron_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if (isinstance(megatron_optimizer, DistributedOptimizer)
+                and isinstance(megatron_optimizer.optimizer, torch_adam)):
+            raise CheckpointError(
+                "cannot load the state of --use-distributed-optimizer into torch.optim.Adam: "
+                "megatron-core's DistributedOptimizer loads it only into Transformer Engine's or "
+                "Apex's fused Adam; resume with --no-load-optim, or where one is installed")
+
+
 def _rank_coordinates() -> tuple[tuple[int, int], ...]:
     """((rank, size) for pp, tp, dp*cp): a rank's position in the layout."""
     return (
@@ -293,21 +336,19 @@ def _rank_coordinates() -> tuple[tuple[int, int], ...]:
     )
 
 
-def _parallel_layout(num_chunks: int) -> dict:
+def _parallel_layout() -> dict:
     (_, pp), (_, tp), (_, dp) = _rank_coordinates()
     return {"pipeline_model_parallel_size": pp, "tensor_model_parallel_size": tp,
-            "data_parallel_size": dp, "model_chunks": num_chunks}
+            "data_parallel_size": dp}
 
 
-def _same_layout_for_rng(saved_layout: dict, num_chunks: int) -> bool:
-    current = _parallel_layout(num_chunks)
-    keys = ("pipeline_model_parallel_size", "tensor_model_parallel_size", "data_parallel_size")
-    if all(saved_layout[k] == current[k] for k in keys):
+def _same_layout_for_rng(saved_layout: dict) -> bool:
+    current = _parallel_layout()
+    if saved_layout == current:
         return True
     if dist.get_rank() == 0:
         log.warning("parallel layout changed since the checkpoint (%s -> %s): not restoring "
-                    "the RNG states, whose ranks do not correspond",
-                    {k: saved_layout[k] for k in keys}, {k: current[k] for k in keys})
+                    "the RNG states, whose ranks do not correspond", saved_layout, current)
     return False
 
 
@@ -414,16 +455,28 @@ def _write_file_synced(path: str, text: str) -> None:
         os.fsync(file.fileno())
 
 
+def _fsync_files_in(directory: str) -> None:
+    """Flush the files directly in ``directory``, and its entries, to disk."""
+    for entry in os.scandir(directory):
+        if entry.is_file():
+            _fsync_path(entry.path)
+    _fsync_path(directory)
+
+
+def _fsync_path(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 def _replace_file_atomically(path: str, text: str) -> None:
     """Readers see the old or the new content of ``path``, never a mix, even after a crash."""
     temporary = path + ".tmp"
     _write_file_synced(temporary, text)
     os.replace(temporary, path)
-    directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(directory)  # persist the rename itself
-    finally:
-        os.close(directory)
+    _fsync_path(os.path.dirname(path) or ".")  # persist the rename itself
 
 
 def _on_rank0(action: Callable[[], int], what: str) -> int:
@@ -436,7 +489,9 @@ def _on_rank0(action: Callable[[], int], what: str) -> int:
             result = action()
         except Exception as exc:  # re-raised below, after the other ranks are told
             error = exc
-    outcome = torch.tensor([error is None, result], dtype=torch.int64)
+    # NCCL only takes CUDA tensors; gloo takes CPU ones.
+    device = torch.cuda.current_device() if dist.get_backend() == "nccl" else "cpu"
+    outcome = torch.tensor([error is None, result], dtype=torch.int64, device=device)
     dist.broadcast(outcome, src=0)
     if error is not None:
         raise error

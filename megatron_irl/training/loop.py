@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import signal
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -147,76 +148,104 @@ def _setup_data(cfg: TrainConfig, log: TrainingLogger):
     return tokenizer, train_batches, eval_batches
 
 
+@dataclass
+class Trainable:
+    """This rank's model chunks (unwrapped and DDP-wrapped), optimizer and scheduler."""
+
+    chunks: list
+    model: list
+    optimizer: object
+    scheduler: object
+
+
+def build_trainable(cfg: TrainConfig, vocab_size: int) -> Trainable:
+    """The model, Megatron-Core's optimizer and scheduler, and the schedule's hooks."""
+    chunks = build_model_chunks(cfg, vocab_size)
+    model = wrap_data_parallel(cfg, chunks)
+    optimizer = build_optimizer(cfg, model)
+    config = chunks[0].config
+    # After backward: reduce gradients over data parallelism (and the tied embedding across
+    # pipeline stages) and divide them by the global batch's trained-token count.
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = [chunk.no_sync for chunk in model] if len(model) > 1 else model[0].no_sync
+    return Trainable(chunks, model, optimizer, build_scheduler(cfg, optimizer))
+
+
+def _restore(cfg: TrainConfig, trainable: Trainable, log: TrainingLogger) -> TrainingState:
+    """The starting state: fresh, resumed from ``--load``, or weights only (``--finetune``)."""
+    fresh = TrainingState(iteration=0, consumed_samples=0, config=cfg.to_dict())
+    if not cfg.checkpoint.load:
+        return fresh
+    ckpt = cfg.checkpoint
+    state = load_checkpoint(
+        ckpt.load, trainable.chunks, trainable.optimizer, trainable.scheduler,
+        load_optimizer=not (ckpt.no_load_optim or ckpt.finetune),
+        load_rng=not (ckpt.no_load_rng or ckpt.finetune),
+    )
+    log.info(f"loaded checkpoint {ckpt.load} at iteration {state.iteration}"
+             + (" (weights only: --finetune)" if ckpt.finetune else ""))
+    if ckpt.finetune:
+        return fresh
+    state.config = cfg.to_dict()
+    return state
+
+
 def train(cfg: TrainConfig) -> TrainingState:
     """Run (or resume) the training job described by ``cfg``; returns the final state."""
     init_distributed(cfg.parallel, cfg.training.seed)
     try:
-        return _train(cfg)
+        with TrainingLogger(cfg.logging, cfg.training.train_iters, is_logging_rank()) as log:
+            tokenizer, train_batches, eval_batches = _setup_data(cfg, log)
+            trainable = build_trainable(cfg, tokenizer.vocab_size)
+            state = _restore(cfg, trainable, log)
+            return _train_loop(cfg, trainable, state, train_batches, eval_batches, log)
     finally:
         shutdown_distributed()
 
 
-def _train(cfg: TrainConfig) -> TrainingState:
-    with TrainingLogger(cfg.logging, cfg.training.train_iters, is_logging_rank()) as log:
-        return _train_with_logger(cfg, log)
-
-
-def _train_with_logger(cfg: TrainConfig, log: TrainingLogger) -> TrainingState:
-    tokenizer, train_batches, eval_batches = _setup_data(cfg, log)
-
-    chunks = build_model_chunks(cfg, tokenizer.vocab_size)
-    model = wrap_data_parallel(cfg, chunks)
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer)
-    config = chunks[0].config
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = optimizer.scale_loss
-    config.no_sync_func = [chunk.no_sync for chunk in model] if len(model) > 1 else model[0].no_sync
-
-    state = TrainingState(iteration=0, consumed_samples=0, config=cfg.to_dict())
-    if cfg.checkpoint.load:
-        state = load_checkpoint(
-            cfg.checkpoint.load, chunks, optimizer, scheduler,
-            load_optimizer=not (cfg.checkpoint.no_load_optim or cfg.checkpoint.finetune),
-            load_rng=not (cfg.checkpoint.no_load_rng or cfg.checkpoint.finetune),
-        )
-        if cfg.checkpoint.finetune:
-            state = TrainingState(iteration=0, consumed_samples=0, config=cfg.to_dict())
-        log.info(f"loaded checkpoint {cfg.checkpoint.load} at iteration {state.iteration}")
-    state.config = cfg.to_dict()
-
-    objective = Objective(cfg.irl)
+def _train_loop(cfg: TrainConfig, trainable: Trainable, state: TrainingState,
+                train_batches: TrainingBatches, eval_batches, log: TrainingLogger):
+    """Steps until ``--train-iters``, ``--exit-interval`` or a termination signal."""
+    model = trainable.model
     stop = StopRequest()
     tokens_per_step = cfg.training.global_batch_size * cfg.model.seq_length
     last_saved = state.iteration if cfg.checkpoint.load else None
     log.begin(state.iteration)
     while state.iteration < cfg.training.train_iters:
         start = time.monotonic()
+        objective = Objective(cfg.irl, state.iteration)
         micro_batches = train_batches.batches_for_iteration(state.iteration)
-        metric_sums, step_scalars = train_step(model, optimizer, scheduler, micro_batches,
-                                               objective, cfg)
+        metric_sums, step_scalars = train_step(model, trainable.optimizer, trainable.scheduler,
+                                               micro_batches, objective, cfg)
         state.iteration += 1
         state.consumed_samples += cfg.training.global_batch_size
         if metric_sums is not None:
-            scalars = {**metric_means(metric_sums), **step_scalars}
+            scalars = {**metric_means(metric_sums), **step_scalars, "lambda": objective.lam}
             log.log_step(state.iteration, scalars, tokens_per_step / (time.monotonic() - start))
         if eval_batches is not None and state.iteration % cfg.training.eval_interval == 0:
             eval_sums = evaluate(model, eval_batches, objective, cfg)
             if eval_sums is not None:
                 log.log_eval(state.iteration, metric_means(eval_sums))
+
         signalled = stop.requested()
         exiting = signalled or _is_multiple(state.iteration, cfg.training.exit_interval)
-        if cfg.checkpoint.save and (exiting or _is_multiple(state.iteration,
-                                                             cfg.checkpoint.save_interval)):
-            save_checkpoint(cfg.checkpoint.save, state, chunks, optimizer, scheduler)
-            last_saved = state.iteration
-            log.info(f"saved checkpoint at iteration {state.iteration} to {cfg.checkpoint.save}")
+        if exiting or _is_multiple(state.iteration, cfg.checkpoint.save_interval):
+            last_saved = _save(cfg, trainable, state, log)
         if exiting:
             reason = "a termination signal" if signalled else "--exit-interval"
             log.info(f"stopping at iteration {state.iteration} on {reason}")
             return state
-    if cfg.checkpoint.save and last_saved != state.iteration:
-        save_checkpoint(cfg.checkpoint.save, state, chunks, optimizer, scheduler)
-        log.info(f"saved checkpoint at iteration {state.iteration} to {cfg.checkpoint.save}")
+    if last_saved != state.iteration:
+        _save(cfg, trainable, state, log)
     return state
 
+
+def _save(cfg: TrainConfig, trainable: Trainable, state: TrainingState, log) -> int | None:
+    """Save a checkpoint when ``--save`` is set; returns the iteration saved (or None)."""
+    if not cfg.checkpoint.save:
+        return None
+    save_checkpoint(cfg.checkpoint.save, state, trainable.chunks, trainable.optimizer,
+                    trainable.scheduler)
+    log.info(f"saved checkpoint at iteration {state.iteration} to {cfg.checkpoint.save}")
+    return state.iteration

@@ -4,15 +4,24 @@ The layer spec is Transformer Engine's when TE is importable on a GPU (or asked 
 ``--transformer-impl transformer_engine``), Megatron-Core's local spec otherwise. Packed rows
 hold several documents, so attention always takes the block-causal mask the data gives
 (``AttnMaskType.arbitrary``) rather than the built-in causal one.
+
+With ``--fused-output-loss`` the chunks are ``HiddenStatesGPTModel``: the last stage skips the
+output layer's matmul and returns the final hidden states with the output weight, which the
+objective passes to ``fused_output_soft_q_loss`` (the ``[tokens, v/tp]`` logits never exist).
+Parameters, state dicts and checkpoints are GPTModel's, unchanged.
 """
 
 from __future__ import annotations
+
+import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -21,8 +30,14 @@ from megatron_irl.config import TrainConfig, transformer_engine_problem
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
-    """Megatron-LM's padding: a multiple of ``divisible_by * tp`` so each shard is equal."""
-    multiple = divisible_by * tp_size
+    """The vocabulary padded to a multiple of ``lcm(divisible_by, tp)``: equal TP shards.
+
+    Megatron-LM pads to ``divisible_by * tp``, so its padded size, and with it every
+    checkpoint, depends on the TP size. With the lcm, any TP that divides ``divisible_by``
+    (TP 1, 2, 4, 8 with the default 128) gives the same padded size, and checkpoints move
+    between those layouts.
+    """
+    multiple = math.lcm(divisible_by, tp_size)
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
@@ -104,6 +119,42 @@ def layer_spec(cfg: TrainConfig) -> ModuleSpec:
     return spec
 
 
+class HiddenStatesAndWeight(NamedTuple):
+    """The last stage's output with ``--fused-output-loss`` (instead of logits)."""
+
+    hidden: torch.Tensor  # [b, s, h] after the final norm, whole sequence
+    weight: torch.Tensor  # [v/tp, h] this rank's output weight (the embedding's when tied)
+
+
+class HiddenStatesGPTModel(GPTModel):
+    """GPTModel whose last pipeline stage returns ``HiddenStatesAndWeight``, not logits.
+
+    Only ``_postprocess`` (megatron-core 0.16.1), the step after the decoder's final norm, is
+    replaced, and only on the last stage: GPTModel there would call ``self.output_layer(hidden,
+    weight=output_weight)``; this returns the hidden states in the batch-major layout of the
+    labels and the weight that call would have used, so the loss can run the output layer
+    itself. With sequence parallelism the ``[s/tp, b, h]`` hidden states are all-gathered first
+    as the output layer does, but with a backward that splits the gradient (instead of a
+    reduce-scatter): the fused loss returns it already summed over the TP group.
+    Multi-token prediction, labels passed to the model and inference are not supported.
+    """
+
+    def _postprocess(self, hidden_states, **kwargs):
+        if not self.post_process:
+            return super()._postprocess(hidden_states, **kwargs)
+        if self.mtp_process or kwargs.get("labels") is not None \
+                or kwargs.get("inference_context") is not None:
+            raise NotImplementedError("--fused-output-loss supports training and evaluation "
+                                      "without multi-token prediction, labels or inference")
+        if self.config.sequence_parallel:
+            hidden_states = gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False, group=self.pg_collection.tp
+            )
+        weight = (self.shared_embedding_or_output_weight()
+                  if self.share_embeddings_and_output_weights else self.output_layer.weight)
+        return HiddenStatesAndWeight(hidden_states.transpose(0, 1).contiguous(), weight)
+
+
 def build_model_chunks(cfg: TrainConfig, vocab_size: int) -> list[GPTModel]:
     """This rank's model: one GPTModel per virtual pipeline stage (one without interleaving)."""
     config = transformer_config(cfg)
@@ -112,10 +163,11 @@ def build_model_chunks(cfg: TrainConfig, vocab_size: int) -> list[GPTModel]:
         vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size
     )
     num_chunks = cfg.parallel.virtual_pipeline_model_parallel_size or 1
+    model_class = HiddenStatesGPTModel if cfg.irl.fused_output_loss else GPTModel
     chunks = []
     for vp_stage in range(num_chunks):
         vp = vp_stage if num_chunks > 1 else None
-        chunks.append(GPTModel(
+        chunks.append(model_class(
             config=config,
             transformer_layer_spec=spec,
             vocab_size=padded,

@@ -1,8 +1,9 @@
 """The training objectives, with Megatron-Core's loss-function contract.
 
-Every objective is called as ``objective(logits, batch) -> (loss_sum, num_tokens, metric_sums)``
-on the last pipeline stage: ``logits`` ``[b, s, v/tp]`` from the model, ``batch`` the
-micro-batch dict. It returns the *sum* of per-token losses and the number of trained tokens;
+Every objective is called as ``objective(output, batch) -> (loss_sum, num_tokens, metric_sums)``
+on the last pipeline stage: ``output`` is the model's, logits ``[b, s, v/tp]`` or, with
+``--fused-output-loss``, ``HiddenStatesAndWeight`` (hidden ``[b, s, h]`` and the output weight
+``[v/tp, h]``, see ``megatron_irl.training.model``); ``batch`` is the micro-batch dict. It returns the *sum* of per-token losses and the number of trained tokens;
 with ``TransformerConfig.calculate_per_token_loss`` the schedule adds up the token counts of
 all micro-batches and data-parallel ranks and divides the gradients by that total, so the
 average is exact however the global batch is split. ``metric_sums`` is a ``[len(METRICS)]``
@@ -15,6 +16,7 @@ import torch
 
 from megatron_irl.config import IRLConfig
 from megatron_irl.loss import vocab_parallel_entropy, vocab_parallel_soft_q_loss
+from megatron_irl.loss.fused_output import fused_output_soft_q_loss
 from megatron_irl.loss.soft_q import td_active_mask
 
 # Sums per micro-batch. Means: loss, nll and entropy per trained token; td_squared and
@@ -22,23 +24,43 @@ from megatron_irl.loss.soft_q import td_active_mask
 METRICS = ("loss", "nll", "td_squared", "reward", "entropy", "trained_tokens", "td_tokens")
 
 
+def lambda_at(irl: IRLConfig, iteration: int) -> float:
+    """The TD weight at step ``iteration`` (0-based): ramps linearly from 0 to
+    ``--irl-lambda`` over ``--irl-lambda-warmup-iters`` steps, then stays there."""
+    if irl.loss != "soft_q":
+        return 0.0
+    if iteration >= irl.irl_lambda_warmup_iters:
+        return irl.irl_lambda
+    return irl.irl_lambda * iteration / irl.irl_lambda_warmup_iters
+
+
 class Objective:
-    """``soft_q``: nll + lambda * delta^2 (lambda = 0: MLE). ``mle_entropy``: nll - beta * H."""
+    """``soft_q``: nll + lambda * delta^2 (lambda = 0: MLE). ``mle_entropy``: nll - beta * H.
 
-    def __init__(self, irl: IRLConfig):
+    One objective per step: ``lam`` follows the warm-up schedule of step ``iteration``.
+    """
+
+    def __init__(self, irl: IRLConfig, iteration: int):
         self.irl = irl
+        self.lam = lambda_at(irl, iteration)
 
-    def __call__(self, logits: torch.Tensor, batch: dict):
+    def __call__(self, output, batch: dict):
         labels, loss_mask, terminal = batch["labels"], batch["loss_mask"], batch["terminal"]
         with_entropy = self.irl.loss == "mle_entropy"
-        # Before the soft-Q loss, which overwrites fp32 logits in place.
-        entropy = vocab_parallel_entropy(logits) if with_entropy else None  # [b, s]
-        out = vocab_parallel_soft_q_loss(
-            logits, labels, loss_mask, terminal,
-            lam=0.0 if with_entropy else self.irl.irl_lambda,
+        options = dict(
+            lam=self.lam,
             gamma=self.irl.irl_gamma,
             stop_value_grad=self.irl.irl_stop_value_grad,
         )
+        if self.irl.fused_output_loss:  # soft_q only (IRLConfig checks)
+            out = fused_output_soft_q_loss(
+                output.hidden, output.weight, labels, loss_mask, terminal,
+                chunk_size=self.irl.fused_output_chunk_size, **options,
+            )
+        else:
+            # Before the soft-Q loss, which overwrites fp32 logits in place.
+            entropy = vocab_parallel_entropy(output) if with_entropy else None  # [b, s]
+            out = vocab_parallel_soft_q_loss(output, labels, loss_mask, terminal, **options)
         loss_sum = out.loss.sum()
         entropy_sum = (entropy * loss_mask).sum() if with_entropy else torch.zeros(())
         if with_entropy:

@@ -1,0 +1,210 @@
+"""Hugging Face ``config.json`` <-> the project's ``model`` config section, per model family.
+
+Supported: Llama, Mistral and Qwen2 (decoder-only, RMSNorm, SwiGLU, RoPE, grouped-query
+attention, no linear biases except Qwen2's q/k/v biases). Only plain RoPE is supported:
+Megatron-Core's GPTModel as the trainer builds it has no Llama-3.1 / YaRN / linear RoPE
+scaling, so a config with ``rope_scaling`` is refused rather than converted into a model
+that computes something else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_irl.config import ConfigError
+
+
+class ConversionError(ValueError):
+    """Input that cannot be converted; the message names the file, field or flag."""
+
+
+@dataclass(frozen=True)
+class Family:
+    architecture: str  # config.json "architectures"[0]
+    model_type: str
+    qkv_bias: bool
+
+
+FAMILIES = {
+    family.model_type: family
+    for family in (
+        Family("LlamaForCausalLM", "llama", qkv_bias=False),
+        Family("MistralForCausalLM", "mistral", qkv_bias=False),
+        Family("Qwen2ForCausalLM", "qwen2", qkv_bias=True),
+    )
+}
+
+
+def supported_text() -> str:
+    return ", ".join(f"{f.architecture} (model_type {f.model_type})" for f in FAMILIES.values())
+
+
+def family_of(hf_config: dict, source: str) -> Family:
+    """The family of a config.json; ConversionError naming the supported ones otherwise."""
+    architectures = hf_config.get("architectures") or []
+    by_architecture = {f.architecture: f for f in FAMILIES.values()}
+    family = by_architecture.get(architectures[0]) if architectures else None
+    family = family or FAMILIES.get(hf_config.get("model_type"))
+    if family is None:
+        raise ConversionError(
+            f"{source}: unsupported architecture {architectures or hf_config.get('model_type')!r}"
+            f"; supported: {supported_text()}")
+    return family
+
+
+def _rope_theta(hf_config: dict, source: str) -> int:
+    """rope_theta from transformers 5's ``rope_parameters`` or the older top-level keys."""
+    parameters = hf_config.get("rope_parameters") or {}
+    scaling = hf_config.get("rope_scaling") or {}
+    rope_type = parameters.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+    if rope_type not in (None, "default"):
+        raise ConversionError(
+            f"{source}: RoPE scaling {rope_type!r} is not supported (the model is built with "
+            "plain RoPE); only rope_type 'default' converts")
+    theta = parameters.get("rope_theta", hf_config.get("rope_theta", 10000.0))
+    if float(theta) != int(theta):
+        raise ConversionError(f"{source}: rope_theta {theta} is not an integer (--rotary-base "
+                              "takes an integer)")
+    return int(theta)
+
+
+def _refuse(source: str, field: str, value, why: str) -> None:
+    raise ConversionError(f"{source}: {field} {value!r} is not supported: {why}")
+
+
+def model_section(hf_config: dict, source: str) -> dict:
+    """The ``model`` config section (``TrainConfig`` keys) of a Hugging Face config.json.
+
+    ``make_vocab_size_divisible_by`` is left out: it depends on the tokenizer and the
+    tensor-parallel size (see :func:`vocab_divisor`).
+    """
+    family = family_of(hf_config, source)
+    if hf_config.get("hidden_act", "silu") != "silu":
+        _refuse(source, "hidden_act", hf_config["hidden_act"], "the MLP is SwiGLU (silu)")
+    for field in ("attention_bias", "mlp_bias"):
+        if hf_config.get(field):
+            _refuse(source, field, True, "only Qwen2's q/k/v biases are supported")
+    if hf_config.get("use_sliding_window"):
+        _refuse(source, "use_sliding_window", True, "attention is over the whole sequence")
+    heads = hf_config["num_attention_heads"]
+    hidden = hf_config["hidden_size"]
+    return {
+        "num_layers": hf_config["num_hidden_layers"],
+        "hidden_size": hidden,
+        "ffn_hidden_size": hf_config["intermediate_size"],
+        "num_attention_heads": heads,
+        "num_query_groups": hf_config.get("num_key_value_heads") or heads,
+        "kv_channels": hf_config.get("head_dim") or hidden // heads,
+        "max_position_embeddings": hf_config["max_position_embeddings"],
+        "normalization": "RMSNorm",
+        "norm_epsilon": float(hf_config.get("rms_norm_eps", 1e-6)),
+        "swiglu": True,
+        "position_embedding_type": "rope",
+        "rotary_base": _rope_theta(hf_config, source),
+        "rotary_percent": 1.0,
+        "untie_embeddings_and_output_weights": not hf_config.get("tie_word_embeddings", False),
+        "add_bias_linear": False,
+        "add_qkv_bias": family.qkv_bias,
+        "init_method_std": float(hf_config.get("initializer_range", 0.02)),
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+    }
+
+
+def notes(hf_config: dict) -> list[str]:
+    """Differences that convert but that the user should know about."""
+    window = hf_config.get("sliding_window")
+    if window and hf_config.get("use_sliding_window", True):  # Qwen2: off means unused
+        return [f"sliding_window {window}: the converted model attends over the whole sequence; "
+                f"it computes the same as the original for --seq-length <= {window}"]
+    return []
+
+
+def check_tensor_parallel(model: dict, tp: int) -> None:
+    """ConfigError unless ``tp`` divides the heads and the query groups."""
+    for field in ("num_attention_heads", "num_query_groups"):
+        if model[field] % tp:
+            raise ConfigError(f"--tensor-model-parallel-size {tp} must divide {field} "
+                              f"{model[field]} (--{field.replace('_', '-')})")
+
+
+def padded_vocab(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron-LM's padding rule, as the trainer applies it to the tokenizer's vocabulary."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def vocab_divisor(tokenizer_vocab: int, hf_vocab: int, tp: int, requested: int | None) -> int:
+    """``--make-vocab-size-divisible-by`` for the converted model at tensor-parallel size ``tp``.
+
+    The trainer pads the *tokenizer's* vocabulary (which may be smaller than the embedding,
+    e.g. Qwen2's) to a multiple of divisor x TP; that must cover every embedding row.
+    ``requested`` None: 128 (Megatron-LM's default), doubled until it does.
+    """
+    if requested is not None:
+        padded = padded_vocab(tokenizer_vocab, requested, tp)
+        if padded < hf_vocab:
+            raise ConfigError(
+                f"--make-vocab-size-divisible-by {requested} x --tensor-model-parallel-size {tp} "
+                f"pads the tokenizer's {tokenizer_vocab} tokens to {padded} rows, fewer than the "
+                f"model's vocab_size {hf_vocab}; leave it unset to pick one that fits")
+        return requested
+    divisor = 128
+    while padded_vocab(tokenizer_vocab, divisor, tp) < hf_vocab:
+        divisor *= 2
+    return divisor
+
+
+def hf_config(model: dict, family: Family, vocab_size: int, dtype: str,
+              special_ids: dict) -> dict:
+    """config.json for the Megatron ``model`` section (``TrainConfig.to_dict()['model']``).
+
+    ``special_ids``: bos_token_id / eos_token_id / pad_token_id (None when absent).
+    """
+    if (model["normalization"] != "RMSNorm" or not model["swiglu"]
+            or model["position_embedding_type"] != "rope" or model["add_bias_linear"]
+            or model["rotary_percent"] != 1.0 or model["add_qkv_bias"] != family.qkv_bias):
+        raise ConversionError(
+            f"the checkpoint's model is not a {family.architecture}: it needs --normalization "
+            f"RMSNorm, --swiglu, --position-embedding-type rope, --disable-bias-linear, "
+            f"--rotary-percent 1.0 and {'' if family.qkv_bias else 'no '}--add-qkv-bias")
+    config = {
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
+        "vocab_size": vocab_size,
+        "hidden_size": model["hidden_size"],
+        "intermediate_size": model["ffn_hidden_size"],
+        "num_hidden_layers": model["num_layers"],
+        "num_attention_heads": model["num_attention_heads"],
+        "num_key_value_heads": model["num_query_groups"] or model["num_attention_heads"],
+        "head_dim": model["kv_channels"],
+        "hidden_act": "silu",
+        "max_position_embeddings": model["max_position_embeddings"],
+        "rms_norm_eps": model["norm_epsilon"],
+        "initializer_range": model["init_method_std"],
+        "tie_word_embeddings": not model["untie_embeddings_and_output_weights"],
+        # transformers >= 5 reads rope_parameters, older releases rope_theta.
+        "rope_theta": float(model["rotary_base"]),
+        "rope_parameters": {"rope_type": "default", "rope_theta": float(model["rotary_base"])},
+        "attention_dropout": 0.0,
+        "torch_dtype": dtype,
+        "use_cache": True,
+        **special_ids,
+    }
+    if family.model_type == "llama":
+        config.update(attention_bias=False, mlp_bias=False)
+    else:  # the trained model attends over the whole sequence
+        config.update(sliding_window=None)
+    if family.model_type == "qwen2":
+        config.update(use_sliding_window=False, max_window_layers=model["num_layers"])
+    return config
+
+
+def family_of_model(model: dict, requested: str | None) -> Family:
+    """``requested`` (a model_type) or, unset, qwen2 for q/k/v biases and llama otherwise."""
+    if requested is not None:
+        if requested not in FAMILIES:
+            raise ConversionError(f"--family {requested!r} is not supported; supported: "
+                                  f"{', '.join(FAMILIES)}")
+        return FAMILIES[requested]
+    return FAMILIES["qwen2" if model["add_qkv_bias"] else "llama"]

@@ -1,0 +1,205 @@
+"""Hugging Face model directory -> megatron-irl checkpoint (weights only, iteration 0).
+
+Two steps:
+
+* :func:`plan_import` (local, cheap): reads config.json and the tokenizer, checks that the
+  architecture is supported and that the tensor-parallel size fits, and derives the
+  ``model`` config section. Everything that can be refused is refused here, before any
+  tensor is read.
+* :func:`import_checkpoint` (collective over the world group, under the Megatron parallel
+  layout of the caller): builds this rank's model chunks exactly as the trainer does, but
+  on the meta device, then gives them uninitialised CPU storage (no random init) and fills
+  each of the chunks' sharded-state-dict tensors from the Hugging Face tensors. Each rank
+  reads only the tensors of its own pipeline stage, one at a time, and keeps only its
+  tensor-parallel slice, so a rank's memory is its share of the model plus one full
+  Hugging Face tensor. The checkpoint is saved with the trainer's ``save_checkpoint``;
+  torch_dist checkpoints reshard on load, so the conversion layout only sets the memory
+  per rank, not the layouts the checkpoint loads into.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from megatron_irl.config import TrainConfig
+from megatron_irl.convert import families
+from megatron_irl.convert.families import ConversionError
+from megatron_irl.convert.hf_files import SafetensorsReader, copy_tokenizer_files, read_json, write_json
+from megatron_irl.convert.mapping import RULES_BY_MEGATRON_KEY, Dims
+
+MODEL_YAML = "model.yaml"
+HF_CONFIG_COPY = "hf_config.json"  # the source config.json, read back by the export
+
+
+@dataclass
+class ImportPlan:
+    """What the conversion will produce; ``config`` is the ``TrainConfig`` dict to build."""
+
+    hf_dir: str
+    config: dict
+    hf_vocab_size: int  # embedding rows of the Hugging Face model
+    tokenizer_vocab_size: int  # what the trainer pads (``--tokenizer-model``)
+    dtype: torch.dtype
+    notes: list[str] = field(default_factory=list)
+
+
+def tokenizer_path(hf_dir: str, directory: str | None = None) -> str:
+    """What ``--tokenizer-model`` takes for ``hf_dir``'s tokenizer (copied into ``directory``,
+    default ``hf_dir``): the directory (tokenizer.json) or its sentencepiece tokenizer.model."""
+    directory = directory or hf_dir
+    if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+        return directory
+    if os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
+        return os.path.join(directory, "tokenizer.model")
+    raise ConversionError(f"{hf_dir}: no tokenizer.json or tokenizer.model; the trainer needs "
+                          "the model's tokenizer (--tokenizer-model)")
+
+
+def plan_import(hf_dir: str, tensor_parallel_size: int, pipeline_parallel_size: int = 1,
+                make_vocab_size_divisible_by: int | None = None,
+                dtype: str | None = None) -> ImportPlan:
+    """Check ``hf_dir`` and derive the model config; local, reads only JSON and the tokenizer.
+
+    Raises ConversionError (unsupported architecture or files) or ConfigError (a parallel
+    size that does not fit the model; the message names the flag).
+    """
+    from megatron_irl.data.tokenizer import load_tokenizer
+
+    source = os.path.join(hf_dir, "config.json")
+    hf_config = read_json(source)
+    model = families.model_section(hf_config, source)
+    families.check_tensor_parallel(model, tensor_parallel_size)
+    tokenizer_vocab = load_tokenizer(tokenizer_path(hf_dir)).vocab_size
+    hf_vocab = hf_config["vocab_size"]
+    model["make_vocab_size_divisible_by"] = families.vocab_divisor(
+        tokenizer_vocab, hf_vocab, tensor_parallel_size, make_vocab_size_divisible_by)
+    dtype_name = dtype or ("bfloat16" if hf_config.get("torch_dtype", hf_config.get("dtype"))
+                           == "bfloat16" else "float32")
+    if dtype_name not in ("bfloat16", "float32"):
+        raise ConversionError(f"--dtype {dtype_name}: must be bfloat16 or float32")
+    config = TrainConfig.from_dict({
+        "model": model,
+        "parallel": {"tensor_model_parallel_size": tensor_parallel_size,
+                     "pipeline_model_parallel_size": pipeline_parallel_size},
+        "training": {"bf16": dtype_name == "bfloat16"},
+    }, source=source).to_dict()
+    return ImportPlan(hf_dir, config, hf_vocab, tokenizer_vocab, getattr(torch, dtype_name),
+                      families.notes(hf_config))
+
+
+class _NoOptimizerState:
+    """What ``save_checkpoint`` reads of an optimizer that has taken no step: the
+    checkpoint gets no optimizer state (``--finetune`` / ``--no-load-optim`` loads it)."""
+
+    optimizer = SimpleNamespace(state={})
+
+
+class _NoScheduler:
+    def state_dict(self) -> dict:
+        return {}
+
+
+def import_checkpoint(plan: ImportPlan, output_dir: str) -> str:
+    """Convert ``plan.hf_dir`` into ``output_dir`` (a ``--load`` / ``--tokenizer-model``
+    directory). Collective over the world group; Megatron's parallel state must match
+    ``plan.config["parallel"]``. Returns the iteration directory.
+
+    Writes ``output_dir/iter_0000000`` and its marker (through ``save_checkpoint``), and on
+    rank 0 the tokenizer files, ``model.yaml`` and ``hf_config.json``.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from megatron_irl.training.checkpoint import TrainingState, save_checkpoint
+    from megatron_irl.training.model import build_model_chunks
+
+    config = {**plan.config, "data": {**plan.config["data"],
+                                      "tokenizer_model": os.path.abspath(
+                                          tokenizer_path(plan.hf_dir, output_dir))}}
+    cfg = TrainConfig.from_dict(config)
+    with torch.device("meta"):
+        chunks = build_model_chunks(cfg, plan.tokenizer_vocab_size)
+    reader = SafetensorsReader(plan.hf_dir)
+    for chunk in chunks:
+        chunk.to_empty(device="cpu")
+        dims = Dims(cfg.model.num_attention_heads, cfg.model.num_query_groups or
+                    cfg.model.num_attention_heads, cfg.model.kv_channels, plan.hf_vocab_size,
+                    chunk.vocab_size)
+        for value in chunk.sharded_state_dict().values():
+            pieces = value.build() if isinstance(value, ShardedTensorFactory) else [value]
+            for piece in pieces:
+                if isinstance(piece, ShardedTensor):  # not an _extra_state ShardedObject
+                    _fill(piece, reader, dims)
+    directory = save_checkpoint(output_dir, TrainingState(0, 0, config), chunks,
+                                _NoOptimizerState(), _NoScheduler())
+    if dist.get_rank() == 0:
+        _write_companions(plan, output_dir)
+    dist.barrier()
+    return directory
+
+
+def _fill(piece, reader: SafetensorsReader, dims: Dims) -> None:
+    """Copy this rank's slice of the Megatron tensor ``piece.key`` into ``piece.data``
+    (a view of a model parameter), computing the tensor from the Hugging Face ones."""
+    rule = RULES_BY_MEGATRON_KEY.get(piece.key)
+    if rule is None:
+        raise ConversionError(f"no conversion rule for the Megatron tensor {piece.key!r}")
+    prepended = piece.prepend_axis_num
+    layer = piece.global_offset[0] if rule.per_layer else None
+    full = _megatron_tensor(rule.megatron, layer, reader, dims)
+    expected = tuple(piece.global_shape[prepended:])
+    if tuple(full.shape) != expected:
+        raise ConversionError(
+            f"{reader.directory}: {', '.join(rule.hf_names(layer))} give a {rule.megatron} of "
+            f"shape {tuple(full.shape)}, the model config asks for {expected}; config.json "
+            "does not match the weights")
+    index = tuple(slice(offset, offset + size)
+                  for offset, size in zip(piece.global_offset[prepended:], piece.data.shape))
+    with torch.no_grad():
+        piece.data.copy_(full[index])
+
+
+_last: dict = {}  # the last computed tensor: SwiGLU's fc1 arrives as two pieces
+
+
+def _megatron_tensor(key: str, layer: int | None, reader: SafetensorsReader,
+                     dims: Dims) -> torch.Tensor:
+    if _last.get("id") != (key, layer, id(reader)):
+        rule = RULES_BY_MEGATRON_KEY[key]
+        tensors = [reader.get(name) for name in rule.hf_names(layer)]
+        _last.clear()
+        _last.update(id=(key, layer, id(reader)),
+                     tensor=rule.transform.to_megatron(tensors, dims))
+    return _last["tensor"]
+
+
+def _write_companions(plan: ImportPlan, output_dir: str) -> None:
+    copy_tokenizer_files(plan.hf_dir, output_dir)
+    write_json(os.path.join(output_dir, HF_CONFIG_COPY),
+               read_json(os.path.join(plan.hf_dir, "config.json")))
+    tp = plan.config["parallel"]["tensor_model_parallel_size"]
+    divisor = plan.config["model"]["make_vocab_size_divisible_by"]
+    model_keys = families.model_section(read_json(os.path.join(plan.hf_dir, "config.json")),
+                                        plan.hf_dir)
+    section = {key: plan.config["model"][key] for key in model_keys}
+    section["make_vocab_size_divisible_by"] = divisor
+    header = (
+        f"# Converted from {os.path.abspath(plan.hf_dir)}: use as --config, adding the data,\n"
+        f"# training and --seq-length settings, or copy its sections into your config.\n"
+        f"# The vocabulary is padded to a multiple of {divisor * tp} (= make_vocab_size_divisible_by"
+        f" x\n# tensor_model_parallel_size): at another TP size set make_vocab_size_divisible_by"
+        f" to {divisor * tp} / TP.\n")
+    if plan.notes:
+        header += "".join(f"# Note: {note}\n" for note in plan.notes)
+    body = {
+        "model": section,
+        "data": {"tokenizer_model": os.path.abspath(tokenizer_path(plan.hf_dir, output_dir))},
+        "parallel": {"tensor_model_parallel_size": tp},
+        "checkpoint": {"load": os.path.abspath(output_dir), "finetune": True},
+    }
+    with open(os.path.join(output_dir, MODEL_YAML), "w", encoding="utf-8") as file:
+        file.write(header + yaml.safe_dump(body, sort_keys=False))

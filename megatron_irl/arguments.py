@@ -19,16 +19,8 @@ from typing import Any, Callable, Literal, Mapping, NoReturn, Sequence
 
 import yaml
 
-from megatron_irl.config import (
-    SECTIONS,
-    ConfigError,
-    FieldSpec,
-    TrainConfig,
-    close_match_hint,
-    field_specs,
-    find_dict_problem,
-    strip_optional,
-)
+from megatron_irl.config import SECTIONS, TrainConfig, field_specs, find_dict_problem
+from megatron_irl.config_schema import ConfigError, FieldSpec, close_match_hint, strip_optional
 
 
 class _Yaml12Loader(yaml.SafeLoader):

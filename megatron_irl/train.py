@@ -11,10 +11,13 @@ import sys
 
 from megatron_irl.arguments import parse_train_config
 from megatron_irl.config import ConfigError
+from megatron_irl.training.signals import install_stop_handlers
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # First thing: a pre-emption signal during the slow start-up must not kill the job.
+    install_stop_handlers()
     try:
         cfg = parse_train_config(argv, prog="megatron-irl train")
     except ConfigError as error:

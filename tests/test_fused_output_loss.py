@@ -174,6 +174,15 @@ def test_bad_inputs_are_rejected_with_the_argument_named(bad, match):
         fused_output_soft_q_loss(lam=0.1, gamma=1.0, **kwargs)
 
 
+def test_config_rejects_fused_output_loss_without_soft_q():
+    from megatron_irl.config import ConfigError, IRLConfig
+
+    with pytest.raises(ConfigError, match="^--fused-output-loss: must be off unless --irl-loss"):
+        IRLConfig(loss="mle_entropy", fused_output_loss=True)
+    with pytest.raises(ConfigError, match="^--fused-output-chunk-size 0: must be >= 1"):
+        IRLConfig(fused_output_loss=True, fused_output_chunk_size=0)
+
+
 # ------------------------------------------------------------------ tensor parallel
 
 

@@ -10,13 +10,15 @@ and model.yaml (the model section to train with). Fine-tune it with
     megatron-irl train --config OUT/model.yaml --train-data-path ... [--seq-length ...]
 
 (model.yaml sets --load OUT --finetune --tokenizer-model OUT). The checkpoint loads at any
-TP / PP; T fixes the vocabulary padding (see model.yaml). Under torchrun each rank holds
-1/N of the model (its tensor-parallel slice of its pipeline stage's layers): use enough
-ranks for large models. CPU only (CUDA is hidden from this process).
+PP and at any TP that divides model.yaml's make_vocab_size_divisible_by. Under torchrun
+the conversion runs at TP = gcd(T, N), PP = N / that, and each rank holds 1/N of the model
+(its tensor-parallel slice of its pipeline stage's layers): use enough ranks for large
+models. CPU only (CUDA is hidden from this process).
 """
 
 import argparse
 import os
+import socket
 import sys
 
 os.environ["CUDA_VISIBLE_DEVICES"] = ""  # conversion is CPU work; gloo, no GPU memory
@@ -35,9 +37,10 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, help="new checkpoint directory")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=1,
                         help="TP size to train with (checked against the heads; sets the "
-                             "vocabulary padding); also the TP size of the conversion")
+                             "vocabulary padding). The conversion runs at TP = gcd(this, "
+                             "processes) and PP = the rest")
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
-                        help="vocabulary padding divisor; unset: 128, doubled until the "
+                        help="vocabulary padding divisor; unset: lcm(128, TP), doubled until the "
                              "padded tokenizer vocabulary covers the embedding")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                         help="stored dtype; unset: bfloat16 for bfloat16 weights, else float32")
@@ -46,17 +49,14 @@ def main(argv=None) -> int:
     from megatron_irl.training.distributed import launch_environment
 
     _, world_size, _ = launch_environment()
-    tp = args.tensor_model_parallel_size
     try:
-        if tp < 1 or world_size % tp:
-            raise ConfigError(f"--tensor-model-parallel-size {tp} must be >= 1 and divide the "
-                              f"number of processes {world_size}")
         if os.path.exists(args.output) and os.listdir(args.output):
             raise ConversionError(f"--output {args.output} exists and is not empty")
         from megatron_irl.convert import plan_import
 
-        plan = plan_import(args.hf_dir, tp, world_size // tp,
-                           args.make_vocab_size_divisible_by, args.dtype)
+        plan = plan_import(args.hf_dir, args.tensor_model_parallel_size, world_size=world_size,
+                           make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                           dtype=args.dtype)
     except (ConfigError, ConversionError, DataError) as error:
         print(f"convert_from_hf: error: {error}", file=sys.stderr)
         return 2
@@ -65,8 +65,11 @@ def main(argv=None) -> int:
     from megatron_irl.convert import import_checkpoint
     from megatron_irl.training.distributed import init_distributed, shutdown_distributed
 
-    init_distributed(ParallelConfig(tensor_model_parallel_size=tp,
-                                    pipeline_model_parallel_size=world_size // tp), seed=0)
+    if world_size == 1 and "MASTER_PORT" not in os.environ:  # not torchrun: any free port
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+    init_distributed(ParallelConfig(**plan.config["parallel"]), seed=0)
     try:
         directory = import_checkpoint(plan, args.output)
     except ConversionError as error:

@@ -9,6 +9,7 @@ that computes something else.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from megatron_irl.config import ConfigError
@@ -122,35 +123,34 @@ def notes(hf_config: dict) -> list[str]:
 
 def check_tensor_parallel(model: dict, tp: int) -> None:
     """ConfigError unless ``tp`` divides the heads and the query groups."""
+    if tp < 1:
+        raise ConfigError(f"--tensor-model-parallel-size {tp} must be >= 1")
     for field in ("num_attention_heads", "num_query_groups"):
         if model[field] % tp:
             raise ConfigError(f"--tensor-model-parallel-size {tp} must divide {field} "
                               f"{model[field]} (--{field.replace('_', '-')})")
 
 
-def padded_vocab(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron-LM's padding rule, as the trainer applies it to the tokenizer's vocabulary."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
-
-
 def vocab_divisor(tokenizer_vocab: int, hf_vocab: int, tp: int, requested: int | None) -> int:
-    """``--make-vocab-size-divisible-by`` for the converted model at tensor-parallel size ``tp``.
+    """``--make-vocab-size-divisible-by`` for training at tensor-parallel size ``tp``.
 
     The trainer pads the *tokenizer's* vocabulary (which may be smaller than the embedding,
-    e.g. Qwen2's) to a multiple of divisor x TP; that must cover every embedding row.
-    ``requested`` None: 128 (Megatron-LM's default), doubled until it does.
+    e.g. Qwen2's) to a multiple of lcm(divisor, TP); that must cover every embedding row.
+    ``requested`` None: lcm(128, TP) (Megatron-LM's default divisor), doubled until it does;
+    such a divisor gives the same padded size at every TP that divides it.
     """
+    from megatron_irl.training.model import padded_vocab_size
+
     if requested is not None:
-        padded = padded_vocab(tokenizer_vocab, requested, tp)
+        padded = padded_vocab_size(tokenizer_vocab, requested, tp)
         if padded < hf_vocab:
             raise ConfigError(
-                f"--make-vocab-size-divisible-by {requested} x --tensor-model-parallel-size {tp} "
-                f"pads the tokenizer's {tokenizer_vocab} tokens to {padded} rows, fewer than the "
-                f"model's vocab_size {hf_vocab}; leave it unset to pick one that fits")
+                f"--make-vocab-size-divisible-by {requested} pads the tokenizer's "
+                f"{tokenizer_vocab} tokens to {padded} rows at TP {tp}, fewer than the model's "
+                f"vocab_size {hf_vocab}; leave it unset to pick one that fits")
         return requested
-    divisor = 128
-    while padded_vocab(tokenizer_vocab, divisor, tp) < hf_vocab:
+    divisor = math.lcm(128, tp)
+    while padded_vocab_size(tokenizer_vocab, divisor, tp) < hf_vocab:
         divisor *= 2
     return divisor
 

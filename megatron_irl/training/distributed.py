@@ -32,7 +32,8 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> None:
     """
     rank, world_size, local_rank = launch_environment()
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
+        # Modulo: tasks bound to one GPU each see it as device 0.
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
         backend = "nccl"
     else:
         enable_cpu_support()

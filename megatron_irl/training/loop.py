@@ -10,7 +10,6 @@ optimizer clips and steps.
 from __future__ import annotations
 
 import itertools
-import signal
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -38,6 +37,7 @@ from megatron_irl.training.distributed import (
 from megatron_irl.training.logger import TrainingLogger
 from megatron_irl.training.model import build_model_chunks, wrap_data_parallel
 from megatron_irl.training.objective import Objective, metric_means
+from megatron_irl.training.signals import install_stop_handlers, stop_signal_received
 from megatron_irl.training.optimizer import build_optimizer, build_scheduler
 
 
@@ -104,25 +104,12 @@ def _is_multiple(iteration: int, interval: int | None) -> bool:
     return interval is not None and iteration % interval == 0
 
 
-class StopRequest:
-    """SIGTERM / SIGUSR1 (Slurm's pre-emption warning) ask the job to save and stop.
-
-    Every rank must agree when to stop, so ``requested()`` all-reduces the flag (MAX).
-    """
-
-    def __init__(self):
-        self.received = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame):
-        self.received = True
-
-    def requested(self) -> bool:
-        flag = torch.tensor([int(self.received)],
-                            device="cuda" if torch.cuda.is_available() else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+def _stop_requested() -> bool:
+    """Whether any rank got a stop signal: every rank must agree when to stop (MAX)."""
+    flag = torch.tensor([int(stop_signal_received())],
+                        device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _num_microbatches(cfg: TrainConfig) -> int:
@@ -193,6 +180,7 @@ def _restore(cfg: TrainConfig, trainable: Trainable, log: TrainingLogger) -> Tra
 
 def train(cfg: TrainConfig) -> TrainingState:
     """Run (or resume) the training job described by ``cfg``; returns the final state."""
+    install_stop_handlers()  # idempotent; ``megatron_irl.train`` installs them earlier still
     init_distributed(cfg.parallel, cfg.training.seed)
     try:
         with TrainingLogger(cfg.logging, cfg.training.train_iters, is_logging_rank()) as log:
@@ -208,7 +196,6 @@ def _train_loop(cfg: TrainConfig, trainable: Trainable, state: TrainingState,
                 train_batches: TrainingBatches, eval_batches, log: TrainingLogger):
     """Steps until ``--train-iters``, ``--exit-interval`` or a termination signal."""
     model = trainable.model
-    stop = StopRequest()
     tokens_per_step = cfg.training.global_batch_size * cfg.model.seq_length
     last_saved = state.iteration if cfg.checkpoint.load else None
     log.begin(state.iteration)
@@ -228,7 +215,7 @@ def _train_loop(cfg: TrainConfig, trainable: Trainable, state: TrainingState,
             if eval_sums is not None:
                 log.log_eval(state.iteration, metric_means(eval_sums))
 
-        signalled = stop.requested()
+        signalled = _stop_requested()
         exiting = signalled or _is_multiple(state.iteration, cfg.training.exit_interval)
         if exiting or _is_multiple(state.iteration, cfg.checkpoint.save_interval):
             last_saved = _save(cfg, trainable, state, log)

@@ -25,7 +25,8 @@ setup(
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
-        "dev": ["pytest", "hypothesis"],
+        # transformers: the conversion tests check logits against its own model classes.
+        "dev": ["pytest", "hypothesis", "transformers==5.24.0"],
     },
     entry_points={"console_scripts": ["megatron-irl=megatron_irl.cli:main"]},
 )

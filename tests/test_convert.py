@@ -231,7 +231,7 @@ def round_trip(tmp_path_factory):
     model = make_hf_model(hf_dir, "Qwen2", tie=True, seed=1)
     imported = run_tool("tools/convert_from_hf.py", "--hf-dir", hf_dir, "--output", mg_dir)
     assert imported.returncode == 0, imported.stderr[-3000:]
-    convert_to_hf(mg_dir, out_dir)
+    convert_to_hf(mg_dir, out_dir, max_shard_bytes=40_000)  # several shards and an index
     return hf_dir, mg_dir, out_dir, model
 
 
@@ -254,8 +254,13 @@ def test_exported_model_loads_in_transformers_without_missing_keys(round_trip):
     assert transformers.AutoTokenizer.from_pretrained(out_dir).encode("ab") == [13, 14]
 
 
-def test_export_writes_no_pickle_files(round_trip):
+def test_export_writes_safetensors_shards_with_an_index_and_no_pickle(round_trip):
     out_dir = round_trip[2]
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), encoding="utf-8") as file:
+        index = json.load(file)
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards == sorted(
+        name for name in os.listdir(out_dir) if name.endswith(".safetensors"))
     assert not [name for name in os.listdir(out_dir) if name.endswith((".bin", ".pt", ".pth"))]
 
 

@@ -89,6 +89,11 @@ def test_data_parallel_matches_single_rank(tmp_path, single_rank_run):
     assert_same_losses(losses(dp2), losses(single_rank_run))
 
 
+def test_distributed_optimizer_matches_single_rank(tmp_path, single_rank_run):
+    dp2 = run_train(tmp_path, 2, "--use-distributed-optimizer")
+    assert_same_losses(losses(dp2), losses(single_rank_run))
+
+
 def test_pipeline_schedules_match_no_pipelining_from_the_same_checkpoint(tmp_path):
     # Initialisation seeds differ per pipeline stage, so all runs start from one checkpoint
     # (saved at PP=1 after one step) and resume: the 1F1B and interleaved schedules must then

@@ -18,7 +18,6 @@ models. CPU only (CUDA is hidden from this process).
 
 import argparse
 import os
-import socket
 import sys
 
 os.environ["CUDA_VISIBLE_DEVICES"] = ""  # conversion is CPU work; gloo, no GPU memory
@@ -65,10 +64,6 @@ def main(argv=None) -> int:
     from megatron_irl.convert import import_checkpoint
     from megatron_irl.training.distributed import init_distributed, shutdown_distributed
 
-    if world_size == 1 and "MASTER_PORT" not in os.environ:  # not torchrun: any free port
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
     init_distributed(ParallelConfig(**plan.config["parallel"]), seed=0)
     try:
         directory = import_checkpoint(plan, args.output)

@@ -23,7 +23,6 @@ import functools
 import math
 import os
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -116,18 +115,6 @@ def plan_import(hf_dir: str, tensor_parallel_size: int = 1, *, world_size: int =
                       families.notes(hf_config))
 
 
-class _NoOptimizerState:
-    """What ``save_checkpoint`` reads of an optimizer that has taken no step: the
-    checkpoint gets no optimizer state (``--finetune`` / ``--no-load-optim`` loads it)."""
-
-    optimizer = SimpleNamespace(state={})
-
-
-class _NoScheduler:
-    def state_dict(self) -> dict:
-        return {}
-
-
 def import_checkpoint(plan: ImportPlan, output_dir: str) -> str:
     """Convert ``plan.hf_dir`` into ``output_dir`` (a ``--load`` / ``--tokenizer-model``
     directory). Collective over the world group; Megatron's parallel state must match
@@ -164,8 +151,9 @@ def import_checkpoint(plan: ImportPlan, output_dir: str) -> str:
             for piece in pieces:
                 if isinstance(piece, ShardedTensor):  # not an _extra_state ShardedObject
                     _fill(piece, megatron_tensor, plan.hf_dir)
+    # Weights only: the checkpoint is loaded with --finetune.
     directory = save_checkpoint(output_dir, TrainingState(0, 0, config), chunks,
-                                _NoOptimizerState(), _NoScheduler())
+                                optimizer=None, scheduler=None)
     if dist.get_rank() == 0:
         _write_companions(plan, output_dir)
     dist.barrier()

@@ -65,9 +65,6 @@ class SafetensorsReader:
         self.directory = directory
         self._handles: dict = {}
 
-    def names(self) -> set[str]:
-        return set(self._file_of)
-
     def get(self, name: str) -> torch.Tensor:
         path = self._file_of.get(name)
         if path is None:

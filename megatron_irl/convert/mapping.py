@@ -50,8 +50,7 @@ class Rule:
     """One Megatron tensor and the Hugging Face tensor(s) it is made of.
 
     ``{layer}`` in a Hugging Face name stands for the layer number; ``when`` names the
-    model-config flag that must be true (or, with a leading ``!``, false) for the tensor to
-    exist; None: always.
+    model-config field that must be true for the tensor to exist; None: always.
     """
 
     megatron: str
@@ -64,10 +63,7 @@ class Rule:
         return self.megatron.startswith("decoder.layers.")
 
     def applies(self, model_config: dict) -> bool:
-        if self.when is None:
-            return True
-        negate = self.when.startswith("!")
-        return bool(model_config[self.when.lstrip("!")]) != negate
+        return self.when is None or bool(model_config[self.when])
 
     def hf_names(self, layer: int | None = None) -> tuple[str, ...]:
         return tuple(name.format(layer=layer) for name in self.hf)

@@ -116,7 +116,8 @@ def convert_to_hf(load_dir: str, output_dir: str, *, tokenizer_dir: str | None =
         vocab_size: rows kept of the padded vocabulary; unset: ``vocab_size`` of the
             tokenizer directory's hf_config.json (written by the import), else the
             tokenizer's vocabulary size.
-        dtype: float32 or bfloat16; unset: as stored.
+        dtype: float32 or bfloat16; unset: the embedding's stored dtype (a bf16
+            checkpoint keeps its norm weights in fp32; they are cast with the rest).
 
     Local to this process; needs no process group.
     """

@@ -139,8 +139,9 @@ def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, opt
         save_dir: the run's ``--save`` directory (created if missing).
         state: iteration, consumed samples and config to store.
         model_chunks: this rank's model chunks, wrapped (DDP, Float16Module) or not.
-        optimizer: the ``get_megatron_optimizer`` optimizer of ``model_chunks``.
-        scheduler: the ``OptimizerParamScheduler`` of ``optimizer``.
+        optimizer: the ``get_megatron_optimizer`` optimizer of ``model_chunks``, or None
+            (weights only, e.g. a converted model).
+        scheduler: the ``OptimizerParamScheduler`` of ``optimizer``, or None.
 
     Returns:
         The iteration directory. If the marker already names this iteration (a complete
@@ -151,7 +152,7 @@ def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, opt
     files and then the marker, after every rank's shards are on disk.
     """
     directory = iteration_dir(save_dir, state.iteration)
-    has_optimizer_state = _has_optimizer_state(optimizer)
+    has_optimizer_state = optimizer is not None and _has_optimizer_state(optimizer)
     # Serialised up front so that a config that is not JSON-able fails on every rank
     # before anything is written. The YAML takes the JSON form (tuples become lists).
     state_json = json.dumps({
@@ -169,8 +170,9 @@ def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, opt
         return directory
 
     model_state = _model_sharded_state_dict(model_chunks)
-    sharded_state = {**model_state, "opt_param_scheduler": scheduler.state_dict(),
-                     **_rng_sharded_state_dict()}
+    sharded_state = {**model_state, **_rng_sharded_state_dict()}
+    if scheduler is not None:
+        sharded_state["opt_param_scheduler"] = scheduler.state_dict()
     if has_optimizer_state:
         sharded_state["optimizer"] = optimizer.sharded_state_dict(
             model_state, metadata=dict(_OPTIMIZER_STATE_METADATA))
@@ -241,7 +243,7 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, scheduler
         optimizer.load_state_dict(loaded["optimizer"])
     elif optimizer is not None:
         optimizer.reload_model_params()
-    if load_optimizer and scheduler is not None:
+    if load_optimizer and scheduler is not None and "opt_param_scheduler" in loaded:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if restore_rng:
         _restore_rng(loaded)
@@ -281,8 +283,9 @@ def _check_architecture(saved: dict, current: dict, directory: str) -> None:
     if not differing:
         return
     flags = {f.name: f.metadata["flag"] for f in dataclasses.fields(ModelConfig)}
-    flags["padded_vocab_size"] = ("the tokenizer's vocabulary padded to a multiple of "
-                                  "lcm(--make-vocab-size-divisible-by, --tensor-model-parallel-size)")
+    flags["padded_vocab_size"] = (
+        "the tokenizer's vocabulary padded to a multiple of "
+        "lcm(--make-vocab-size-divisible-by, --tensor-model-parallel-size)")
     lines = [f"  {name}{f' ({flags[name]})' if name in flags else ''}: checkpoint "
              f"{saved.get(name)!r}, this run {current[name]!r}" for name in differing]
     raise CheckpointError(

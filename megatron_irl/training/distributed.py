@@ -28,7 +28,7 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> None:
     """Join the default process group (NCCL on GPUs, gloo on CPUs) and Megatron's groups.
 
     MASTER_ADDR / MASTER_PORT come from the launcher (torchrun, or the Slurm batch script);
-    a single process uses 127.0.0.1 and MASTER_PORT or 29500.
+    a single process needs neither.
     """
     rank, world_size, local_rank = launch_environment()
     if torch.cuda.is_available():
@@ -38,9 +38,10 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> None:
     else:
         enable_cpu_support()
         backend = "gloo"
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    if world_size == 1:  # no rendezvous, so no port to collide with other jobs' on the host
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    else:
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,

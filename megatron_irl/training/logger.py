@@ -94,7 +94,8 @@ class TrainingLogger:
 
     def _write_metrics(self, split: str, iteration: int, scalars: dict[str, float]) -> None:
         if self.metrics_file is not None:
-            self.metrics_file.write(json.dumps({"split": split, "iteration": iteration, **scalars}) + "\n")
+            record = {"split": split, "iteration": iteration, **scalars}
+            self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
 
     def close(self) -> None:

@@ -37,8 +37,8 @@ from megatron_irl.training.distributed import (
 from megatron_irl.training.logger import TrainingLogger
 from megatron_irl.training.model import build_model_chunks, wrap_data_parallel
 from megatron_irl.training.objective import Objective, metric_means
-from megatron_irl.training.signals import install_stop_handlers, stop_signal_received
 from megatron_irl.training.optimizer import build_optimizer, build_scheduler
+from megatron_irl.training.signals import install_stop_handlers, stop_signal_received
 
 
 def forward_step(data_iterator, model, objective: Objective):
@@ -93,7 +93,8 @@ def evaluate(model, eval_batches: EvalBatches, objective, cfg: TrainConfig):
     """Forward-only pass over the first ``--eval-iters`` global batches of the validation set."""
     for chunk in model:
         chunk.eval()
-    micro_batches = list(itertools.islice(eval_batches, cfg.training.eval_iters * _num_microbatches(cfg)))
+    limit = cfg.training.eval_iters * _num_microbatches(cfg)
+    micro_batches = list(itertools.islice(eval_batches, limit))
     metric_sums = _run_schedule(model, micro_batches, objective, cfg, forward_only=True)
     for chunk in model:
         chunk.train()

@@ -20,11 +20,12 @@ are started cheaply and kept in a pool per world size for reuse:
   intra-op thread (the ranks share the cores). Pools of other world sizes stay up
   (idle) alongside.
 * Every call sends ``fn``, its arguments and the caller's ``sys.path`` (so that
-  ``fn``'s module can be imported) to all ranks. A worker re-initialises
-  ``parallel_state.initialize_model_parallel(tp, pp, vpp)`` only when the layout
-  differs from the previous call's (``destroy_model_parallel`` first; the old groups
-  are left to the process), then seeds ``torch.manual_seed(seed)`` and
-  ``model_parallel_cuda_manual_seed(seed)`` on every call.
+  ``fn``'s module can be imported) to all ranks. A pool serves one layout: its workers
+  run ``parallel_state.initialize_model_parallel(tp, pp, vpp)`` on their first call, and
+  a call with another layout replaces the pool with a fresh one (about a second). Torch
+  cannot free Megatron's old gloo groups, each of which keeps threads: re-initialising
+  in place grew the workers to over a thousand threads in one test session. Every call
+  seeds ``torch.manual_seed(seed)`` and ``model_parallel_cuda_manual_seed(seed)``.
 * Other process-global state that ``fn`` changes (module globals, environment
   variables, Megatron caches) survives into later calls on the same pool.
 * An exception on any rank is re-raised in the caller (its own type when it can be
@@ -120,8 +121,12 @@ def run_distributed(
             f"pickling {fn!r} failed: {error}"
         ) from error
     pool = _POOLS.get(world_size)
+    if pool is not None and pool.owner_pid == os.getpid() and pool.layout != (tp, pp, vpp):
+        _POOLS.pop(world_size)
+        pool.close(force=False)
+        pool = None
     if pool is None or pool.owner_pid != os.getpid():  # none yet, or a forked copy's
-        pool = _POOLS[world_size] = _Pool(world_size)
+        pool = _POOLS[world_size] = _Pool(world_size, (tp, pp, vpp))
     try:
         return pool.run(getattr(fn, "__qualname__", repr(fn)), payload, timeout)
     finally:
@@ -157,10 +162,11 @@ atexit.register(shutdown_pools)
 class _Pool:
     """``world_size`` worker processes in one gloo world, each behind a duplex pipe."""
 
-    def __init__(self, world_size: int):
+    def __init__(self, world_size: int, layout: Tuple[int, int, Optional[int]]):
         from torch.distributed import TCPStore
 
         self.world_size = world_size
+        self.layout = layout  # (tp, pp, vpp): the only layout this pool's workers set up
         self.owner_pid = os.getpid()
         self.broken = False  # set when a call leaves the workers unusable
         # The caller owns the rendezvous store, so no port has to be agreed on beforehand.

@@ -17,14 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
-import resource
-import statistics
-import time
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from bench_ranks import measure_peak, measure_times
 
 LOSSES = ("megatron_cross_entropy", "soft_q", "naive_composition")
 
@@ -73,76 +68,18 @@ def _inputs(args, tp):
     return pristine, labels, loss_mask, terminal
 
 
-def _max_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _current_rss_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _worker(rank, tp, args, mode, loss_name, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
-    dist.init_process_group("gloo", rank=rank, world_size=tp)
-    from megatron.core import parallel_state
-
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-    group = parallel_state.get_tensor_model_parallel_group()
+def _setup(rank, tp, args, group):
+    """This rank's inputs; returns one forward+backward of a named loss."""
     pristine, labels, loss_mask, terminal = _inputs(args, tp)
     logits = torch.empty_like(pristine, requires_grad=True)
-    run_args = (labels, loss_mask, terminal, group, args.lam, args.gamma)
 
     def one_step(name):
         with torch.no_grad():
             logits.copy_(pristine)  # the losses overwrite fp32 logits in place
         logits.grad = None
-        dist.barrier()
-        start = time.perf_counter()
-        _run_loss(name, logits, *run_args)
-        dist.barrier()
-        return time.perf_counter() - start
+        _run_loss(name, logits, labels, loss_mask, terminal, group, args.lam, args.gamma)
 
-    if mode == "memory":
-        before = _current_rss_bytes()
-        one_step(loss_name)
-        logits.grad = None
-        results.put((rank, _max_rss_bytes() - before))
-    else:
-        times = {name: [] for name in LOSSES}
-        for name in LOSSES:  # warm-up
-            one_step(name)
-        for _ in range(args.repeats):
-            for name in LOSSES:
-                times[name].append(one_step(name))
-        results.put((rank, {name: statistics.median(t) for name, t in times.items()}))
-    dist.destroy_process_group()
-
-
-def _launch(tp, args, mode, loss_name=None):
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    args.port += 1
-    procs = [
-        context.Process(target=_worker, args=(rank, tp, args, mode, loss_name, results))
-        for rank in range(tp)
-    ]
-    for proc in procs:
-        proc.start()
-    per_rank = []
-    while len(per_rank) < tp:
-        try:
-            per_rank.append(results.get(timeout=1.0))
-        except queue.Empty:
-            failed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-            if failed:
-                for proc in procs:
-                    proc.kill()
-                raise RuntimeError(f"a benchmark rank exited with code {failed[0]}")
-    for proc in procs:
-        proc.join()
-    return [value for _, value in sorted(per_rank, key=lambda item: item[0])]
+    return one_step
 
 
 def main() -> None:
@@ -154,7 +91,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--lam", type=float, default=0.1)
     parser.add_argument("--gamma", type=float, default=1.0)
-    parser.add_argument("--port", type=int, default=29650)
     args = parser.parse_args()
     args.dtype = getattr(torch, args.dtype)
 
@@ -164,9 +100,8 @@ def main() -> None:
              f"{'peak MiB':>9} {'memory ratio':>13}"
     print(header)
     for tp in args.tp:
-        per_rank_times = _launch(tp, args, "time")
-        times = {name: max(rank[name] for rank in per_rank_times) for name in LOSSES}
-        peaks = {name: max(_launch(tp, args, "memory", name)) for name in LOSSES}
+        times = measure_times(tp, _setup, args, LOSSES, args.repeats)
+        peaks = {name: measure_peak(tp, _setup, args, name) for name in LOSSES}
         base = "megatron_cross_entropy"
         for name in LOSSES:
             print(f"{tp:>3} {name:<24} {times[name] * 1e3:>11.1f} "

@@ -22,6 +22,10 @@ setup(
         "tensorboard",
         "safetensors",
         "tqdm",
+        # Evaluation: task metrics as the papers compute them, and the trade-off plots.
+        "rouge-score",
+        "sacrebleu",
+        "matplotlib",
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],

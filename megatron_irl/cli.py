@@ -6,6 +6,9 @@ import sys
 
 COMMANDS = {
     "train": ("megatron_irl.train", "fine-tune a model (MLE or IRL) on Megatron-Core"),
+    "plan": ("megatron_irl.plan", "check a config and estimate per-GPU memory, no model built"),
+    "eval": ("megatron_irl.evaluate", "sample from a checkpoint; task metrics and diversity"),
+    "rewards": ("megatron_irl.rewards", "per-token rewards and returns of a checkpoint"),
 }
 
 

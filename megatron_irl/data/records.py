@@ -21,7 +21,7 @@ has no trailing newline (EOS follows) and later messages are ignored (counted). 
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from megatron_irl.data.report import DataError, DataReport
@@ -33,10 +33,12 @@ Segment = tuple[str, bool]  # (text, is_response)
 
 @dataclass(frozen=True)
 class Record:
-    """One usable input record: its 1-based line number and its alternating segments."""
+    """One usable input record: its 1-based line number, its alternating segments and the
+    parsed JSON object (evaluation reads fields such as "answer" or "score" from it)."""
 
     line: int
     segments: tuple[Segment, ...]
+    fields: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def render_chat(messages: list[dict]) -> list[Segment]:
@@ -150,6 +152,6 @@ def read_records(path: str, report: DataReport) -> Iterator[Record]:
             segments = record_segments(obj, where, report)
             report.num_records += 1
             if segments is not None:
-                yield Record(line_number, tuple(segments))
+                yield Record(line_number, tuple(segments), obj)
     if report.num_records == 0:
         raise DataError(f"data file {path}: contains no records")

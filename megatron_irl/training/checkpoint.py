@@ -131,6 +131,12 @@ def latest_iteration(load_dir: str) -> int | None:
         raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
 
 
+def read_saved_state(load_dir: str) -> dict:
+    """The training-state JSON (iteration, config, model architecture, ...) of the latest
+    complete checkpoint under ``load_dir``; local, no collectives. Raises CheckpointError."""
+    return _read_training_state(iteration_dir(load_dir, _marked_iteration(load_dir)))
+
+
 def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, optimizer,
                     scheduler) -> str:
     """Save model, optimizer, scheduler, RNG and ``state`` as ``<save_dir>/iter_<n>``.

@@ -1,0 +1,142 @@
+"""``megatron-irl eval``: sample from a checkpoint, score the samples, measure diversity.
+
+    megatron-irl eval --load runs/tiny/checkpoints --data examples/data/valid.jsonl \\
+        --samples 8 --temperature 0.7 1.0 --beam-size 4 --output-dir runs/tiny/eval
+
+For every decoding setting (each temperature; each beam size) every prompt gets
+``--samples`` samples (one for greedy and beam search). Writes to ``--output-dir``:
+``report.json`` (settings and their metrics), ``samples.jsonl`` (every response with its
+prompt, reference, answer, log-prob and entropy: input for ``megatron-irl rewards``) and
+``tradeoff.png`` (task score vs Self-BLEU per temperature). Runs under one process,
+torchrun or srun; data-parallel replicas split the prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from megatron_irl.evaluation.options import EvalOptions, run_command
+
+
+def _seed(base: int, prompt_index: int, sample: int) -> int:
+    """A sample's own seed: the same (prompt, sample) draws the same response whatever the
+    batch or data-parallel split."""
+    return (base * 1_000_003 + prompt_index * 1_009 + sample) % (2**63)
+
+
+def _settings(options: EvalOptions):
+    from megatron_irl.evaluation.report import Decoding
+
+    return ([Decoding(temperature=t) for t in options.temperature]
+            + [Decoding(beam_size=b) for b in options.beam_size])
+
+
+def _generate(session, generator, prompts, decoding, options: EvalOptions, progress) -> list[dict]:
+    """This replica's samples of one setting, as ``samples.jsonl`` records."""
+    from megatron_irl.evaluation.generation import SamplingParams
+    from megatron_irl.evaluation.metrics import extract_answer
+
+    per_prompt = options.samples if decoding.temperature not in (None, 0) else 1
+    rows = [(index, k) for index, _ in session.shard(prompts) for k in range(per_prompt)]
+    results = []
+    for start in range(0, len(rows), options.micro_batch_size):
+        batch = rows[start:start + options.micro_batch_size]
+        if decoding.beam_size is not None:
+            generations = [generator.beam_search(prompts[i].prompt_tokens, decoding.beam_size,
+                                                 options.max_new_tokens, options.length_penalty)
+                           for i, _ in batch]
+        else:
+            params = SamplingParams(decoding.temperature, options.top_k, options.top_p,
+                                    options.max_new_tokens)
+            generations = generator.sample([prompts[i].prompt_tokens for i, _ in batch], params,
+                                           [_seed(options.seed, i, k) for i, k in batch])
+        for (index, k), generation in zip(batch, generations):
+            prompt = prompts[index]
+            response = session.tokenizer.decode(generation.tokens)
+            results.append({
+                "line": prompt.line, "setting": decoding.name, "sample": k,
+                "prompt": prompt.prompt, "response": response, "reference": prompt.reference,
+                "answer": prompt.answer,
+                "predicted_answer": extract_answer(response, options.answer_pattern),
+                "num_tokens": len(generation.tokens) + generation.finished,
+                "finished": generation.finished, "log_prob": generation.log_prob,
+                "entropy": generation.entropy,
+            })
+        progress.update(len(batch))
+    return results
+
+
+def _write_outputs(options: EvalOptions, session, settings: list[dict], samples: list[dict],
+                   data_report) -> None:
+    from megatron_irl.evaluation.plots import TradeoffPoint, plot_score_vs_self_bleu
+    from megatron_irl.evaluation.report import format_table, task_score_name
+
+    os.makedirs(options.output_dir, exist_ok=True)
+    with open(os.path.join(options.output_dir, "samples.jsonl"), "w", encoding="utf-8") as out:
+        for sample in samples:
+            sample["score"] = float(sample["predicted_answer"] == sample["answer"]) \
+                if sample["answer"] is not None else None
+            out.write(json.dumps(sample) + "\n")
+    report = {
+        "checkpoint": options.load, "iteration": session.iteration, "data": options.data,
+        "num_prompts": len({s["line"] for s in samples}),
+        "data_problems": data_report.problem_counts,
+        "top_k": options.top_k, "top_p": options.top_p,
+        "max_new_tokens": options.max_new_tokens, "seed": options.seed,
+        "task_score": task_score_name(settings), "settings": settings,
+    }
+    with open(os.path.join(options.output_dir, "report.json"), "w", encoding="utf-8") as out:
+        json.dump(report, out, indent=2)
+    points = [TradeoffPoint(os.path.basename(os.path.normpath(options.load)),
+                            s["metrics"][report["task_score"]], s["metrics"]["self_bleu"],
+                            temperature=s["temperature"])
+              for s in settings if s["decoding"] == "sample" and s["metrics"]["self_bleu"] is not None]
+    if points:
+        plot_score_vs_self_bleu(points, os.path.join(options.output_dir, "tradeoff.png"))
+    print(format_table(settings), flush=True)
+    print(f"wrote {options.output_dir}/report.json, samples.jsonl"
+          + (", tradeoff.png" if points else ""), flush=True)
+
+
+def evaluate(options: EvalOptions) -> None:
+    from megatron_irl.evaluation.generation import Generator
+    from megatron_irl.evaluation.inputs import read_eval_prompts
+    from megatron_irl.evaluation.report import score_setting
+    from megatron_irl.evaluation.session import inference_session
+    from tqdm import tqdm
+
+    def read_inputs(tokenizer):
+        return read_eval_prompts(options.data, tokenizer, options.limit, options.answer_pattern)
+
+    with inference_session(options, read_inputs) as session:
+        prompts, data_report = session.inputs
+        model_cfg = session.config.model
+        generator = Generator(session.model, session.tokenizer.vocab_size,
+                              session.tokenizer.eos_id, model_cfg.max_position_embeddings,
+                              session.pipeline_group)
+        settings, samples = [], []
+        show_bar = session.is_writer and (options.progress_bar == "on" or (
+            options.progress_bar == "auto" and sys.stderr.isatty()))
+        for decoding in _settings(options):
+            with tqdm(desc=decoding.name, unit="sample", dynamic_ncols=True,
+                      disable=not show_bar) as progress:
+                local = _generate(session, generator, prompts, decoding, options, progress)
+            gathered = session.gather(local)
+            if session.is_writer:
+                gathered.sort(key=lambda s: (s["line"], s["sample"]))
+                settings.append({"name": decoding.name, **decoding.as_dict(),
+                                 "samples_per_prompt": max(s["sample"] for s in gathered) + 1,
+                                 "metrics": score_setting(gathered, options.answer_pattern)})
+                samples += gathered
+        if session.is_writer:
+            _write_outputs(options, session, settings, samples, data_report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("megatron-irl eval", EvalOptions, sys.argv[1:] if argv is None else argv,
+                       evaluate)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

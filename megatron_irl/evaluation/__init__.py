@@ -1,0 +1,1 @@
+"""Evaluation: generation from a checkpoint, task metrics, diversity and extracted rewards."""

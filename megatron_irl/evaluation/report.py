@@ -1,0 +1,87 @@
+"""Scoring a decoding setting's samples: task metrics and diversity (PAPER.md section 6).
+
+A *sample* is one dict per generated response (the lines of ``samples.jsonl``); this
+module groups them by prompt and turns them into the report's numbers. Pure functions.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+from megatron_irl.evaluation import metrics
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """One decoding setting of a sweep: sampling at a temperature, or beam search."""
+
+    temperature: float | None = None
+    beam_size: int | None = None
+
+    @property
+    def name(self) -> str:
+        if self.beam_size is not None:
+            return f"beam={self.beam_size}"
+        return "greedy" if self.temperature == 0 else f"T={self.temperature:g}"
+
+    def as_dict(self) -> dict:
+        if self.beam_size is not None:
+            return {"decoding": "beam", "beam_size": self.beam_size}
+        return {"decoding": "greedy" if self.temperature == 0 else "sample",
+                "temperature": self.temperature}
+
+
+def score_setting(samples: list[dict], answer_pattern: str | None = None) -> dict:
+    """Metrics of one setting's samples (each with "line", "response", "reference",
+    "answer", "entropy", "num_tokens").
+
+    - exact_match: over samples whose prompt has a gold answer (None when none has);
+    - rouge1/rouge2/rougeLsum, bleu, chrf: the samples against their references;
+    - self_bleu: PAPER.md's Self-BLEU averaged over prompts (None with one sample each);
+    - distinct: distinct responses / samples per prompt, averaged over prompts;
+    - entropy: the policy's mean per-token entropy over all generated tokens (nats);
+    - mean_tokens: mean response length in tokens.
+    """
+    responses = [s["response"] for s in samples]
+    references = [s["reference"] for s in samples]
+    answered = [s for s in samples if s["answer"] is not None]
+    by_prompt = defaultdict(list)
+    for sample in samples:
+        by_prompt[sample["line"]].append(sample["response"])
+    groups = list(by_prompt.values())
+    tokens = sum(s["num_tokens"] for s in samples)
+    result = {
+        "exact_match": (metrics.exact_match([s["response"] for s in answered],
+                                            [s["answer"] for s in answered], answer_pattern)
+                        if answered else None),
+        **metrics.rouge(responses, references),
+        "bleu": metrics.bleu(responses, references),
+        "chrf": metrics.chrf(responses, references),
+        "self_bleu": (metrics.mean_self_bleu(groups)
+                      if min(len(g) for g in groups) >= 2 else None),
+        "distinct": sum(metrics.distinct_fraction(g) for g in groups) / len(groups),
+        "entropy": sum(s["entropy"] * s["num_tokens"] for s in samples) / max(tokens, 1),
+        "mean_tokens": tokens / len(samples),
+    }
+    return result
+
+
+def task_score_name(settings: list[dict]) -> str:
+    """The headline task metric: exact match when the data has answers, else ROUGE-1."""
+    has_answers = any(s["metrics"]["exact_match"] is not None for s in settings)
+    return "exact_match" if has_answers else "rouge1"
+
+
+def format_table(settings: list[dict]) -> str:
+    """The report's settings as an aligned text table."""
+    columns = ["exact_match", "rouge1", "bleu", "chrf", "self_bleu", "distinct", "entropy",
+               "mean_tokens"]
+    header = f"{'setting':<10}" + "".join(f"{name:>12}" for name in columns)
+    lines = [header]
+    for setting in settings:
+        values = setting["metrics"]
+        cells = "".join(f"{'-':>12}" if values[name] is None else f"{values[name]:>12.3f}"
+                        for name in columns)
+        lines.append(f"{setting['name']:<10}{cells}")
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""``megatron-irl rewards``: per-token rewards and sequence returns from a checkpoint.
+
+    megatron-irl rewards --load runs/tiny/checkpoints --data runs/tiny/eval/samples.jsonl \\
+        --output runs/tiny/rewards.jsonl
+
+Reads (prompt, response) records (``samples.jsonl`` of ``megatron-irl eval`` works as is)
+and writes one JSONL line per record: its line number, per-token rewards ``delta_t``
+over the response tokens, the return (their sum), ``V(s_0)`` and ``log pi(response |
+prompt)``. When the records carry a task score (``--score-field``, default "score"), also
+prints the Spearman rank correlation of return and score and writes it to
+``<output>.summary.json`` with the plot ``<output>.return_vs_score.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+from megatron_irl.evaluation.options import RewardsOptions, run_command
+
+
+def _output_stem(output: str) -> str:
+    return output[: -len(".jsonl")] if output.endswith(".jsonl") else output
+
+
+def _write_outputs(options: RewardsOptions, gamma: float, pairs, extracted,
+                   data_report) -> None:
+    from megatron_irl.evaluation.metrics import spearman
+    from megatron_irl.evaluation.plots import plot_return_vs_score
+
+    os.makedirs(os.path.dirname(os.path.abspath(options.output)), exist_ok=True)
+    with open(options.output, "w", encoding="utf-8") as out:
+        for pair, result in zip(pairs, extracted):
+            out.write(json.dumps({
+                "line": pair.line, "rewards": result.rewards, "return": result.sequence_return,
+                "value_initial": result.value_initial, "log_prob": result.log_prob,
+                "score": pair.score,
+            }) + "\n")
+    summary = {"checkpoint": options.load, "data": options.data, "gamma": gamma,
+               "num_records": len(pairs), "data_problems": data_report.problem_counts}
+    scores = [pair.score for pair in pairs]
+    written = [options.output]
+    if pairs and all(score is not None for score in scores):
+        returns = [result.sequence_return for result in extracted]
+        rho = spearman(returns, scores)  # NaN when the scores (or returns) are all equal
+        summary["spearman_return_vs_score"] = rho if math.isfinite(rho) else None
+        plot_path = _output_stem(options.output) + ".return_vs_score.png"
+        plot_return_vs_score(returns, scores, plot_path, spearman=rho)
+        written.append(plot_path)
+        print(f"Spearman rank correlation of return and {options.score_field}: {rho:.4f} "
+              f"({len(pairs)} records)", flush=True)
+    summary_path = _output_stem(options.output) + ".summary.json"
+    with open(summary_path, "w", encoding="utf-8") as out:
+        json.dump(summary, out, indent=2)
+    print("wrote " + ", ".join(written + [summary_path]), flush=True)
+
+
+def extract(options: RewardsOptions) -> None:
+    from megatron_irl.evaluation.inputs import read_scored_pairs
+    from megatron_irl.evaluation.reward_extraction import extract_rewards
+    from megatron_irl.evaluation.session import inference_session
+
+    def read_inputs(tokenizer):
+        return read_scored_pairs(options.data, tokenizer, options.score_field, options.limit)
+
+    with inference_session(options, read_inputs) as session:
+        pairs, data_report = session.inputs
+        gamma = session.config.irl.irl_gamma if options.gamma is None else options.gamma
+        local = session.shard(pairs)
+        extracted = extract_rewards(session.model, [pair for _, pair in local], gamma,
+                                    options.micro_batch_size, session.tokenizer.pad_id)
+        gathered = session.gather(list(zip((i for i, _ in local), extracted or [])))
+        if session.is_writer:
+            gathered.sort(key=lambda item: item[0])
+            _write_outputs(options, gamma, [pairs[i] for i, _ in gathered],
+                           [result for _, result in gathered], data_report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command("megatron-irl rewards", RewardsOptions, sys.argv[1:] if argv is None else argv,
+                       extract)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -69,8 +69,8 @@ def _generate(session, generator, prompts, decoding, options: EvalOptions, progr
 
 def _write_outputs(options: EvalOptions, session, settings: list[dict], samples: list[dict],
                    data_report) -> None:
-    from megatron_irl.evaluation.plots import TradeoffPoint, plot_score_vs_self_bleu
-    from megatron_irl.evaluation.report import format_table, task_score_name
+    from megatron_irl.evaluation.plots import plot_score_vs_self_bleu
+    from megatron_irl.evaluation.report import format_table, task_score_name, tradeoff_points
 
     os.makedirs(options.output_dir, exist_ok=True)
     with open(os.path.join(options.output_dir, "samples.jsonl"), "w", encoding="utf-8") as out:
@@ -88,10 +88,7 @@ def _write_outputs(options: EvalOptions, session, settings: list[dict], samples:
     }
     with open(os.path.join(options.output_dir, "report.json"), "w", encoding="utf-8") as out:
         json.dump(report, out, indent=2)
-    points = [TradeoffPoint(os.path.basename(os.path.normpath(options.load)),
-                            s["metrics"][report["task_score"]], s["metrics"]["self_bleu"],
-                            temperature=s["temperature"])
-              for s in settings if s["decoding"] == "sample" and s["metrics"]["self_bleu"] is not None]
+    points = tradeoff_points(report, os.path.basename(os.path.normpath(options.load)))
     if points:
         plot_score_vs_self_bleu(points, os.path.join(options.output_dir, "tradeoff.png"))
     print(format_table(settings), flush=True)

@@ -112,3 +112,13 @@ def test_eval_rejects_a_bad_flag_naming_it(flags, named, capsys):
 
     assert main(["--load", "x", "--data", "y", *flags]) == 2
     assert named in capsys.readouterr().err
+
+
+def test_plot_tradeoff_combines_the_reports_of_several_runs(evaluated, tmp_path):
+    report = str(evaluated / "report.json")
+    output = tmp_path / "runs.png"
+    result = subprocess.run([sys.executable, "tools/plot_tradeoff.py", report, report,
+                             "--labels", "MLE", "IQ-Learn", "--output", str(output)],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "2 points" in result.stdout and output.read_bytes().startswith(b"\x89PNG")

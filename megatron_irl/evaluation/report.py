@@ -10,6 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from megatron_irl.evaluation import metrics
+from megatron_irl.evaluation.plots import TradeoffPoint
 
 
 @dataclass(frozen=True)
@@ -85,3 +86,12 @@ def format_table(settings: list[dict]) -> str:
                         for name in columns)
         lines.append(f"{setting['name']:<10}{cells}")
     return "\n".join(lines)
+
+
+def tradeoff_points(report: dict, label: str) -> list[TradeoffPoint]:
+    """The sampled settings of an eval ``report`` with a Self-BLEU, as points of the
+    score-vs-diversity plot under run ``label``."""
+    return [TradeoffPoint(label, s["metrics"][report["task_score"]], s["metrics"]["self_bleu"],
+                          temperature=s["temperature"])
+            for s in report["settings"]
+            if s["decoding"] == "sample" and s["metrics"]["self_bleu"] is not None]

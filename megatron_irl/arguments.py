@@ -186,6 +186,17 @@ def parse_train_config(argv: Sequence[str], env: Mapping[str, str] = os.environ,
     Raises ConfigError (message names the flag, or file:line and key); ``--help`` prints
     the grouped flag list and raises SystemExit(0).
     """
+    config = load_train_config(argv, prog)
+    config.validate_for_world(world_size_from_env(env))
+    return config
+
+
+def load_train_config(argv: Sequence[str], prog: str = "megatron-irl") -> TrainConfig:
+    """``parse_train_config`` without the launch checks (world size, input paths, GPUs).
+
+    For commands that inspect a configuration away from the machines it will run on
+    (``megatron-irl plan``). Raises ConfigError; ``--help`` raises SystemExit(0).
+    """
     parser = build_parser(prog)
     namespace, leftovers = parser.parse_known_args(list(argv))
     if leftovers:
@@ -208,6 +219,4 @@ def parse_train_config(argv: Sequence[str], env: Mapping[str, str] = os.environ,
     for dest, value in overrides.items():
         spec = specs[dest]
         merged[spec.section][spec.name] = (not value) if spec.inverse else value
-    config = TrainConfig.from_dict(merged, source=config_path or "command line")
-    config.validate_for_world(world_size_from_env(env))
-    return config
+    return TrainConfig.from_dict(merged, source=config_path or "command line")

@@ -8,6 +8,7 @@ only differ in how the work is split must produce the same losses.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -209,3 +210,13 @@ def test_lambda_warmup_continues_across_a_resume(tmp_path):
     # Step k (1-based) trains with lambda_at(k - 1): 0.1 * (k - 1) / 4, then 0.1.
     assert [step["lambda"] for step in first + second] == pytest.approx(
         [0.0, 0.025, 0.05, 0.075, 0.1, 0.1])
+
+
+def test_fp16_skips_overflowing_steps_and_lowers_the_loss_scale(tmp_path):
+    steps = run_train(tmp_path, 1, "--fp16", "--train-iters", "6")
+    scales = [step["loss_scale"] for step in steps]
+    # Megatron's dynamic scaler starts at 2**32: the first steps overflow, are skipped, and
+    # (after its hysteresis of two overflows) halve the scale.
+    assert steps[0]["skipped"] == 1
+    assert scales == sorted(scales, reverse=True) and scales[-1] < 2.0**32
+    assert all(math.isfinite(step["loss"]) for step in steps)

@@ -83,7 +83,7 @@ def plan_import(hf_dir: str, tensor_parallel_size: int = 1, *, world_size: int =
     size that does not fit the model; the message names the flag).
     """
     from megatron_irl.data.tokenizer import load_tokenizer
-    from megatron_irl.training.model import padded_vocab_size
+    from megatron_irl.planning import padded_vocab_size
 
     source = os.path.join(hf_dir, "config.json")
     hf_config = read_json(source)

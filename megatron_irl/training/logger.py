@@ -76,7 +76,10 @@ class TrainingLogger:
                 f"iteration {iteration:>6d}/{self.train_iters} | lr {scalars['lr']:.3e} "
                 f"| loss {scalars['loss']:.4f} | mle {scalars['nll']:.4f} "
                 f"| td^2 {scalars['td_squared']:.4f} | reward {scalars['reward']:+.4f} "
-                f"| grad norm {scalars['grad_norm']:.3f} | tokens/s {tokens_per_second:,.0f} "
+                f"| grad norm {scalars['grad_norm']:.3f} "
+                + (f"| loss scale {scalars['loss_scale']:.1f} | skipped "
+                   f"{scalars['skipped']:.0f} " if "loss_scale" in scalars else "")
+                + f"| tokens/s {tokens_per_second:,.0f} "
                 f"| elapsed {_format_duration(elapsed)} | eta {_format_duration(eta)}"
             )
 

@@ -83,9 +83,13 @@ def train_step(model, optimizer, scheduler, micro_batches, objective, cfg: Train
     optimizer.zero_grad()
     metric_sums = _run_schedule(model, micro_batches, objective, cfg, forward_only=False)
     lr = optimizer.param_groups[0]["lr"]
-    _, grad_norm, _ = optimizer.step()
+    updated, grad_norm, _ = optimizer.step()
     scheduler.step(increment=cfg.training.global_batch_size)
-    return metric_sums, {"lr": lr, "grad_norm": float(grad_norm or 0.0)}
+    scalars = {"lr": lr, "grad_norm": float(grad_norm or 0.0)}
+    if cfg.training.fp16:
+        # Dynamic loss scaling skips the steps whose gradients overflow and lowers the scale.
+        scalars.update(loss_scale=float(optimizer.get_loss_scale()), skipped=float(not updated))
+    return metric_sums, scalars
 
 
 @torch.no_grad()

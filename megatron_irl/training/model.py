@@ -7,13 +7,12 @@ hold several documents, so attention always takes the block-causal mask the data
 
 With ``--fused-output-loss`` the chunks are ``HiddenStatesGPTModel``: the last stage skips the
 output layer's matmul and returns the final hidden states with the output weight, which the
-objective passes to ``fused_output_soft_q_loss`` (the ``[tokens, v/tp]`` logits never exist).
+objective passes to ``fused_output_soft_q_loss_sum`` (the ``[tokens, v/tp]`` logits never exist).
 Parameters, state dicts and checkpoints are GPTModel's, unchanged.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -27,18 +26,12 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_irl.config import TrainConfig, transformer_engine_problem
+from megatron_irl.planning import padded_vocab_size
 
 
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
-    """The vocabulary padded to a multiple of ``lcm(divisible_by, tp)``: equal TP shards.
-
-    Megatron-LM pads to ``divisible_by * tp``, so its padded size, and with it every
-    checkpoint, depends on the TP size. With the lcm, any TP that divides ``divisible_by``
-    (TP 1, 2, 4, 8 with the default 128) gives the same padded size, and checkpoints move
-    between those layouts.
-    """
-    multiple = math.lcm(divisible_by, tp_size)
-    return ((vocab_size + multiple - 1) // multiple) * multiple
+def half_precision_dtype(training) -> torch.dtype:
+    """The parameter dtype: bfloat16 with --bf16, float16 with --fp16, else float32."""
+    return torch.bfloat16 if training.bf16 else torch.float16 if training.fp16 else torch.float32
 
 
 def uses_transformer_engine(cfg: TrainConfig) -> bool:
@@ -51,7 +44,7 @@ def uses_transformer_engine(cfg: TrainConfig) -> bool:
 def transformer_config(cfg: TrainConfig) -> TransformerConfig:
     """Megatron-Core's TransformerConfig for the model, parallelism and precision chosen."""
     model, parallel, training = cfg.model, cfg.parallel, cfg.training
-    params_dtype = torch.bfloat16 if training.bf16 else torch.float32
+    params_dtype = half_precision_dtype(training)
     on_gpu = torch.cuda.is_available()
     fp8 = {}
     if training.fp8_format is not None:
@@ -86,6 +79,7 @@ def transformer_config(cfg: TrainConfig) -> TransformerConfig:
         batch_p2p_comm=not (parallel.virtual_pipeline_model_parallel_size
                             and parallel.pipeline_model_parallel_size == 2),
         bf16=training.bf16,
+        fp16=training.fp16,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         # Sums of per-token losses and token counts go to the schedule, which divides by the

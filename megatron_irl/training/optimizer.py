@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_irl.config import TrainConfig
+from megatron_irl.training.model import half_precision_dtype
 
 
 def build_optimizer(cfg: TrainConfig, model_chunks: list) -> MegatronOptimizer:
@@ -21,7 +21,9 @@ def build_optimizer(cfg: TrainConfig, model_chunks: list) -> MegatronOptimizer:
         adam_eps=opt.adam_eps,
         clip_grad=opt.clip_grad,
         bf16=training.bf16,
-        params_dtype=torch.bfloat16 if training.bf16 else torch.float32,
+        # fp16: Megatron's dynamic loss scaling (initial scale 2**32, halved on overflow).
+        fp16=training.fp16,
+        params_dtype=half_precision_dtype(training),
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
     return get_megatron_optimizer(config, model_chunks)

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
+from megatron_irl.config_online import GailConfig, OnlineConfig, check_sampling_config
 from megatron_irl.config_schema import (
     ConfigError,
     FieldSpec,
@@ -29,7 +30,8 @@ from megatron_irl.config_schema import (
     value_problem,
 )
 
-SECTIONS = ("model", "data", "parallel", "optimizer", "training", "irl", "checkpoint", "logging")
+SECTIONS = ("model", "data", "parallel", "optimizer", "training", "irl", "online", "gail",
+            "checkpoint", "logging")
 
 
 def _swiglu_ffn_hidden_size(hidden_size: int) -> int:
@@ -249,9 +251,10 @@ class TrainingConfig(_Section):
 class IRLConfig(_Section):
     """The fine-tuning objective (docs: PAPER.md sections 2 and 4)."""
 
-    loss: Literal["soft_q", "mle_entropy"] = _opt(
+    loss: Literal["soft_q", "mle_entropy", "online", "gail"] = _opt(
         "soft_q", "--irl-loss",
-        "soft_q: MLE + lambda * TD^2 (inverse soft-Q); mle_entropy: MLE - coef * entropy baseline.")
+        "soft_q: MLE + lambda * TD^2 (inverse soft-Q); mle_entropy: MLE - coef * entropy baseline; "
+        "online: soft_q with the policy's samples mixed in (--online-*); gail: GAIL (--gail-*).")
     irl_lambda: float = _opt(
         0.1, "--irl-lambda", "Weight of the TD regulariser; 0 is plain MLE (soft_q).")
     irl_lambda_warmup_iters: int = _opt(
@@ -260,10 +263,11 @@ class IRLConfig(_Section):
         "the TD term pulls on hard at first); 0: full lambda from the start.")
     irl_gamma: float = _opt(
         1.0, "--irl-gamma",
-        "Discount in the TD term (soft_q); the paper does not state it: LM reproductions use 1.0.")
+        "Discount in the TD term (soft_q, online) and of GAIL's returns; the paper does not "
+        "state it: LM reproductions use 1.0.")
     irl_stop_value_grad: bool = _opt(
         False, "--irl-stop-value-grad",
-        "Ablation: no gradient through V(s_t+1) in the TD term (soft_q).")
+        "Ablation: no gradient through V(s_t+1) in the TD term (soft_q, online).")
     entropy_coef: float = _opt(
         0.0, "--irl-entropy-coef", "Entropy bonus weight (mle_entropy only).")
     fused_output_loss: bool = _opt(
@@ -279,14 +283,14 @@ class IRLConfig(_Section):
         self._require_at_least(1, "fused_output_chunk_size")
         if self.fused_output_loss:
             self._require(self.loss == "soft_q", "fused_output_loss",
-                          f"be off unless {self.flag('loss')} soft_q (the entropy needs logits)")
+                          f"be off unless {self.flag('loss')} soft_q (the others need logits)")
         self._require(0 <= self.irl_gamma <= 1, "irl_gamma", "be in [0, 1]")
-        if self.loss == "soft_q":
+        if self.loss != "mle_entropy":
             self._require(self.entropy_coef == 0, "entropy_coef",
                           f"be 0 unless {self.flag('loss')} mle_entropy")
-        else:
+        if self.loss not in ("soft_q", "online"):
             self._require(not self.irl_stop_value_grad, "irl_stop_value_grad",
-                          f"be off unless {self.flag('loss')} soft_q")
+                          f"be off unless {self.flag('loss')} soft_q or online")
 
 
 @dataclass
@@ -327,27 +331,6 @@ class LoggingConfig(_Section):
         self._require_at_least(1, "log_interval")
 
 
-def transformer_engine_problem(fp8: bool = False) -> str | None:
-    """None when Transformer Engine (and FP8, if ``fp8``) can run here; else what is missing.
-
-    Imports torch and, when CUDA is present, transformer_engine.pytorch (slow; call it once).
-    """
-    import torch
-
-    if not torch.cuda.is_available():
-        return "Transformer Engine needs a CUDA GPU and none is visible"
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception as exc:  # an ImportError, or the extension failing to load its library
-        return (f"Transformer Engine's PyTorch extension does not import ({type(exc).__name__}: "
-                f"{exc}); it ships only as source that builds against CUDA, and NGC PyTorch "
-                "containers include it")
-    if fp8 and torch.cuda.get_device_capability() < (8, 9):
-        major, minor = torch.cuda.get_device_capability()
-        return f"FP8 needs a GPU of compute capability 8.9 or newer; this one is {major}.{minor}"
-    return None
-
-
 @dataclass
 class TrainConfig:
     """The whole run; ``to_dict()`` / ``from_dict()`` give its YAML-able form."""
@@ -358,6 +341,8 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     irl: IRLConfig = field(default_factory=IRLConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    gail: GailConfig = field(default_factory=GailConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -368,6 +353,7 @@ class TrainConfig:
 
     def _check_sections_agree(self) -> None:
         """Checks between sections that do not need the world size."""
+        check_sampling_config(self)
         m, p, o, t = self.model, self.parallel, self.optimizer, self.training
         tp, pp, vpp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                        p.virtual_pipeline_model_parallel_size or 1)
@@ -428,6 +414,8 @@ class TrainConfig:
             path = getattr(d, name)
             if path is not None and not os.path.exists(path):
                 raise ConfigError(f"{d.flag(name)} {path}: no such file or directory")
+        from megatron_irl.platform import transformer_engine_problem  # imports torch
+
         if t.fp8_format is not None:
             problem = transformer_engine_problem(fp8=True)
             if problem:

@@ -69,6 +69,25 @@ def enable_cpu_support() -> bool:
     return True
 
 
+def transformer_engine_problem(fp8: bool = False) -> str | None:
+    """None when Transformer Engine (and FP8, if ``fp8``) can run here; else what is missing.
+
+    Imports transformer_engine.pytorch when CUDA is present (slow; call it once).
+    """
+    if not torch.cuda.is_available():
+        return "Transformer Engine needs a CUDA GPU and none is visible"
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as exc:  # an ImportError, or the extension failing to load its library
+        return (f"Transformer Engine's PyTorch extension does not import ({type(exc).__name__}: "
+                f"{exc}); it ships only as source that builds against CUDA, and NGC PyTorch "
+                "containers include it")
+    if fp8 and torch.cuda.get_device_capability() < (8, 9):
+        major, minor = torch.cuda.get_device_capability()
+        return f"FP8 needs a GPU of compute capability 8.9 or newer; this one is {major}.{minor}"
+    return None
+
+
 def _torch_views() -> Dict[str, Dict[str, object]]:
     """Per Megatron module: the attributes of ``torch`` that the module sees replaced."""
     on_cpu = _factory_on_cpu

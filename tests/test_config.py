@@ -20,8 +20,8 @@ from megatron_irl.config import (
     TrainConfig,
     TrainingConfig,
     field_specs,
-    transformer_engine_problem,
 )
+from megatron_irl.platform import transformer_engine_problem
 
 
 @pytest.fixture

@@ -1,11 +1,12 @@
-"""fused_output_soft_q_loss against the unfused composition ``hidden @ weight.T`` followed by
-vocab_parallel_soft_q_loss: per-token outputs and the gradients w.r.t. hidden and weight.
+"""fused_output_soft_q_loss_sum against the unfused composition ``hidden @ weight.T`` followed
+by vocab_parallel_soft_q_loss and a sum: the loss sum, the per-token outputs and the gradients
+w.r.t. hidden and weight.
 
 Single-rank cases run in the pytest process; TP = 2 runs in gloo workers (run_distributed),
 each rank on its vocabulary shard of the weight, with the unfused hidden gradient all-reduced
-over the TP group as ColumnParallelLinear's backward does. Every output gets a random upstream
-gradient, so the gradients through nll, delta and value are checked too, not only the loss.
-The last test trains the tiny example both ways and compares the logged losses.
+over the TP group as ColumnParallelLinear's backward does. The loss sum gets an upstream
+gradient other than 1, so the scaling in backward is checked too. The last test trains the
+tiny example both ways and compares the logged losses.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 from megatron_irl.loss import SoftQLossOutput, vocab_parallel_soft_q_loss
-from megatron_irl.loss.fused_output import fused_output_soft_q_loss
+from megatron_irl.loss.fused_output import fused_output_soft_q_loss_sum
 from megatron_irl.testing import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +37,7 @@ class Inputs(NamedTuple):
     labels: torch.Tensor
     loss_mask: torch.Tensor
     terminal: torch.Tensor
-    upstream: torch.Tensor  # [4, b, s]: gradient into (loss, nll, delta, value)
+    upstream: float  # gradient into the loss sum
 
 
 def make_inputs(b, s, *, seed) -> Inputs:
@@ -46,7 +47,7 @@ def make_inputs(b, s, *, seed) -> Inputs:
     trained = torch.rand(b, s, generator=gen) < 0.7
     labels = torch.where(trained, torch.randint(0, VOCAB, (b, s), generator=gen), -100)
     terminal = torch.rand(b, s, generator=gen) < 0.2
-    upstream = torch.randn(4, b, s, generator=gen)
+    upstream = 0.5 + torch.rand((), generator=gen).item()
     return Inputs(hidden, weight, labels, trained.float(), terminal, upstream)
 
 
@@ -65,10 +66,6 @@ def boundary_inputs() -> Inputs:
     return inputs
 
 
-def _weighted_sum(out: SoftQLossOutput, upstream: torch.Tensor) -> torch.Tensor:
-    return sum((field * grad).sum() for field, grad in zip(out, upstream))
-
-
 def _tp_shard(weight, tp_group):
     import torch.distributed as dist
 
@@ -80,7 +77,8 @@ def _tp_shard(weight, tp_group):
 
 def run_both(inputs: Inputs, *, dtype=torch.float32, chunk_size, lam=0.5, gamma=0.9,
              stop_value_grad=False, tp_group=None):
-    """(unfused, fused), each (outputs, grad hidden, grad of this rank's weight shard)."""
+    """(unfused, fused), each (loss sum, per-token outputs, grad hidden, grad of this rank's
+    weight shard)."""
     import torch.distributed as dist
 
     results = []
@@ -90,21 +88,24 @@ def run_both(inputs: Inputs, *, dtype=torch.float32, chunk_size, lam=0.5, gamma=
         per_token = (inputs.labels, inputs.loss_mask, inputs.terminal)
         options = dict(lam=lam, gamma=gamma, tp_group=tp_group, stop_value_grad=stop_value_grad)
         if fused:
-            out = fused_output_soft_q_loss(hidden, weight, *per_token, chunk_size=chunk_size,
-                                           **options)
+            loss_sum, out = fused_output_soft_q_loss_sum(
+                hidden, weight, *per_token, chunk_size=chunk_size, **options)
         else:
             out = vocab_parallel_soft_q_loss(hidden @ weight.t(), *per_token, **options)
-        _weighted_sum(out, inputs.upstream).backward()
+            loss_sum = out.loss.sum()
+        (inputs.upstream * loss_sum).backward()
         grad_hidden = hidden.grad.clone()
         if not fused and tp_group is not None:
             dist.all_reduce(grad_hidden, group=tp_group)  # ColumnParallelLinear's backward
-        results.append((SoftQLossOutput(*(f.detach() for f in out)), grad_hidden,
-                        weight.grad.clone()))
+        results.append((loss_sum.detach(), SoftQLossOutput(*(f.detach() for f in out)),
+                        grad_hidden, weight.grad.clone()))
     return results
 
 
 def assert_same(unfused, fused, rtol, what=""):
-    (out_u, gh_u, gw_u), (out_f, gh_f, gw_f) = unfused, fused
+    (sum_u, out_u, gh_u, gw_u), (sum_f, out_f, gh_f, gw_f) = unfused, fused
+    torch.testing.assert_close(sum_f, sum_u, rtol=rtol, atol=rtol,
+                               msg=lambda m: f"{what} loss sum: {m}")
     for name, u, f in zip(SoftQLossOutput._fields, out_u, out_f):
         assert f.dtype == torch.float32, name
         torch.testing.assert_close(f, u, rtol=rtol, atol=rtol * (u.abs().max().item() + 1),
@@ -136,13 +137,13 @@ def test_stop_value_grad_matches_unfused():
     assert_same(unfused, fused, FP32_RTOL)
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7])
+@pytest.mark.parametrize("chunk_size", [1, 7, 11])  # 11: chunk boundaries = row boundaries
 def test_masks_and_terminals_at_chunk_boundaries_match_unfused(chunk_size):
     inputs = boundary_inputs()
     unfused, fused = run_both(inputs, chunk_size=chunk_size)
     assert_same(unfused, fused, FP32_RTOL)
     # The TD gradient crosses the boundary: token 13's delta reaches V(token 14)'s hidden.
-    assert fused[1].view(-1, HIDDEN)[14].abs().sum() > 0
+    assert fused[2].view(-1, HIDDEN)[14].abs().sum() > 0
 
 
 def test_bf16_inputs_match_unfused_at_bf16_precision():
@@ -150,14 +151,47 @@ def test_bf16_inputs_match_unfused_at_bf16_precision():
     assert_same(unfused, fused, BF16_RTOL, "bf16")
 
 
+def _fused(inputs: Inputs, weight=None, **kwargs):
+    return fused_output_soft_q_loss_sum(
+        inputs.hidden, inputs.weight if weight is None else weight, inputs.labels,
+        inputs.loss_mask, inputs.terminal, lam=0.5, gamma=1.0, chunk_size=4, **kwargs)
+
+
 def test_without_hidden_gradient_gives_the_weight_gradient():
     inputs = make_inputs(2, 6, seed=6)
     weight = inputs.weight.clone().requires_grad_()
-    out = fused_output_soft_q_loss(inputs.hidden, weight, inputs.labels, inputs.loss_mask,
-                                   inputs.terminal, lam=0.5, gamma=1.0, chunk_size=4)
-    _weighted_sum(out, inputs.upstream).backward()
-    (_, _, expected), _ = run_both(inputs, chunk_size=4, gamma=1.0)
+    loss_sum, _ = _fused(inputs, weight)
+    (inputs.upstream * loss_sum).backward()
+    (*_, expected), _ = run_both(inputs, chunk_size=4, gamma=1.0)
     torch.testing.assert_close(weight.grad, expected, rtol=FP32_RTOL, atol=1e-5)
+
+
+def test_per_token_outputs_are_detached_and_sum_to_the_loss_sum():
+    inputs = make_inputs(2, 6, seed=6)
+    loss_sum, per_token = _fused(inputs, inputs.weight.clone().requires_grad_())
+    assert loss_sum.requires_grad and loss_sum.shape == ()
+    assert not any(field.requires_grad for field in per_token)
+    torch.testing.assert_close(loss_sum, per_token.loss.sum())
+
+
+def test_under_no_grad_gives_the_same_outputs_without_a_graph():
+    inputs = make_inputs(2, 6, seed=6)
+    weight = inputs.weight.clone().requires_grad_()
+    expected_sum, expected = _fused(inputs, weight)
+    with torch.no_grad():
+        loss_sum, per_token = _fused(inputs, weight)
+    assert not loss_sum.requires_grad
+    torch.testing.assert_close(loss_sum, expected_sum.detach())
+    for field, expected_field in zip(per_token, expected):
+        torch.testing.assert_close(field, expected_field)
+
+
+def test_second_backward_is_an_error():
+    inputs = make_inputs(2, 6, seed=6)
+    loss_sum, _ = _fused(inputs, inputs.weight.clone().requires_grad_())
+    loss_sum.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward may run only once"):
+        loss_sum.backward()
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -171,7 +205,7 @@ def test_bad_inputs_are_rejected_with_the_argument_named(bad, match):
                   loss_mask=inputs.loss_mask, terminal=inputs.terminal, chunk_size=4)
     kwargs.update(bad)
     with pytest.raises(ValueError, match=match):
-        fused_output_soft_q_loss(lam=0.1, gamma=1.0, **kwargs)
+        fused_output_soft_q_loss_sum(lam=0.1, gamma=1.0, **kwargs)
 
 
 def test_config_rejects_fused_output_loss_without_soft_q():

@@ -164,6 +164,9 @@ def test_generation_stops_at_the_token_budget_or_at_eos(tiny_checkpoint):
     [(budget, stopped)] = run_distributed(_stop_rules, 1, args=(tiny_checkpoint,))
     assert len(budget.tokens) == 5 and not budget.finished
     assert stopped.tokens == budget.tokens[:2] and stopped.finished
+    # One log-prob per generated token (the EOS included), summing to the response's.
+    assert len(budget.token_log_probs) == 5 and len(stopped.token_log_probs) == 3
+    assert sum(stopped.token_log_probs) == pytest.approx(stopped.log_prob, abs=1e-5)
 
 
 def test_top_k_keeps_the_k_largest_logits():

@@ -1,11 +1,12 @@
-"""Benchmark: output layer + soft-Q loss, fused (chunked) vs unfused (matmul + loss).
+"""Benchmark: output layer + soft-Q loss sum, fused (chunked) vs unfused (matmul + loss).
 
-Forward+backward (gradients w.r.t. the hidden states and the output weight) of
+Forward+backward (gradients w.r.t. the hidden states and the output weight) of the loss sum
+divided by the trained-token count, as training backpropagates it, with
 
 - ``unfused``: ``copy_to_tensor_model_parallel_region(hidden) @ weight.T`` (Megatron's
   ColumnParallelLinear: the hidden gradient is all-reduced over TP) followed by
   ``vocab_parallel_soft_q_loss``, which holds the ``[tokens, v/tp]`` logits;
-- ``fused``: ``fused_output_soft_q_loss`` with ``--chunk-size`` tokens per chunk,
+- ``fused``: ``fused_output_soft_q_loss_sum`` with ``--chunk-size`` tokens per chunk,
 
 at TP = 1 and 2 (gloo ranks on this machine), printed as a table of ratios against unfused.
 
@@ -36,16 +37,17 @@ def _run_variant(name, hidden, weight, labels, loss_mask, terminal, group, args)
     from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
 
     from megatron_irl.loss import vocab_parallel_soft_q_loss
-    from megatron_irl.loss.fused_output import fused_output_soft_q_loss
+    from megatron_irl.loss.fused_output import fused_output_soft_q_loss_sum
 
     options = dict(lam=args.lam, gamma=args.gamma, tp_group=group)
     if name == "unfused":
         logits = copy_to_tensor_model_parallel_region(hidden, group=group) @ weight.t()
-        out = vocab_parallel_soft_q_loss(logits, labels, loss_mask, terminal, **options)
+        loss_sum = vocab_parallel_soft_q_loss(logits, labels, loss_mask, terminal,
+                                              **options).loss.sum()
     else:
-        out = fused_output_soft_q_loss(hidden, weight, labels, loss_mask, terminal,
-                                       chunk_size=args.chunk_size, **options)
-    (out.loss.sum() / loss_mask.sum()).backward()
+        loss_sum, _ = fused_output_soft_q_loss_sum(hidden, weight, labels, loss_mask, terminal,
+                                                   chunk_size=args.chunk_size, **options)
+    (loss_sum / loss_mask.sum()).backward()
 
 
 def _inputs(args, tp, rank):
@@ -96,12 +98,16 @@ def main() -> None:
     print(f"{'TP':>3} {'variant':<8} {'fwd+bwd ms':>11} {'time ratio':>11} "
           f"{'peak MiB':>9} {'memory ratio':>13}", flush=True)
     for tp in args.tp:
+        load_before = os.getloadavg()[0]
         times = measure_times(tp, _setup, args, VARIANTS, args.repeats)
         peaks = {name: measure_peak(tp, _setup, args, name) for name in VARIANTS}
         for name in VARIANTS:
             print(f"{tp:>3} {name:<8} {times[name] * 1e3:>11.1f} "
                   f"{times[name] / times['unfused']:>11.3f} {peaks[name] / 2**20:>9.1f} "
                   f"{peaks[name] / peaks['unfused']:>13.3f}", flush=True)
+        # A shared machine: the load says how far the absolute times can be trusted.
+        print(f"    1-minute load average {load_before:.1f} before TP={tp}, "
+              f"{os.getloadavg()[0]:.1f} after", flush=True)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ def _naive_composition(logits, labels, loss_mask, terminal, tp_group, lam, gamma
     return loss_mask * (nll + lam * delta.square())
 
 
-def _run_loss(name, logits, labels, loss_mask, terminal, tp_group, lam, gamma):
+def run_loss(name, logits, labels, loss_mask, terminal, tp_group, lam, gamma):
+    """One forward+backward of the loss ``name`` (one of ``LOSSES``), mean over trained tokens;
+    ``logits.grad`` receives the gradient (fp32 logits are overwritten in place)."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from megatron_irl import vocab_parallel_soft_q_loss
@@ -55,29 +57,32 @@ def _run_loss(name, logits, labels, loss_mask, terminal, tp_group, lam, gamma):
     (per_token.sum() / loss_mask.sum()).backward()
 
 
-def _inputs(args, tp):
-    generator = torch.Generator().manual_seed(1234)
+def loss_inputs(args, tp, device="cpu"):
+    """One rank's ``[4, tokens/4, vocab/tp]`` logits (in ``args.dtype``) and ``[4, tokens/4]``
+    labels, loss mask (20% masked, label -100 there) and terminal flags (5%), on ``device``."""
+    generator = torch.Generator(device=device).manual_seed(1234)
     b = 4
     s = args.tokens // b
     shard = args.vocab // tp
-    pristine = (torch.randn(b, s, shard, generator=generator) * 3.0).to(args.dtype)
-    labels = torch.randint(0, args.vocab, (b, s), generator=generator)
-    loss_mask = (torch.rand(b, s, generator=generator) > 0.2).float()
-    terminal = torch.rand(b, s, generator=generator) > 0.95
+    options = {"generator": generator, "device": device}
+    pristine = (torch.randn(b, s, shard, **options) * 3.0).to(args.dtype)
+    labels = torch.randint(0, args.vocab, (b, s), **options)
+    loss_mask = (torch.rand(b, s, **options) > 0.2).float()
+    terminal = torch.rand(b, s, **options) > 0.95
     labels[loss_mask == 0] = -100
     return pristine, labels, loss_mask, terminal
 
 
 def _setup(rank, tp, args, group):
     """This rank's inputs; returns one forward+backward of a named loss."""
-    pristine, labels, loss_mask, terminal = _inputs(args, tp)
+    pristine, labels, loss_mask, terminal = loss_inputs(args, tp)
     logits = torch.empty_like(pristine, requires_grad=True)
 
     def one_step(name):
         with torch.no_grad():
             logits.copy_(pristine)  # the losses overwrite fp32 logits in place
         logits.grad = None
-        _run_loss(name, logits, labels, loss_mask, terminal, group, args.lam, args.gamma)
+        run_loss(name, logits, labels, loss_mask, terminal, group, args.lam, args.gamma)
 
     return one_step
 

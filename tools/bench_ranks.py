@@ -2,9 +2,10 @@
 
 A benchmark supplies ``setup(rank, tp, args, group) -> one_step`` where ``one_step(name)`` runs
 one forward+backward of variant ``name`` (the ranks are in step: barriers around it). Then
-``measure_times`` runs the variants round-robin in the same processes and returns the median
-per variant (the slowest rank's), and ``measure_peak`` runs one variant once in fresh processes
-and returns the largest rank's peak resident memory above the resident size before the step.
+``measure_times`` runs the variants round-robin in the same processes, the order reversed
+every other round, and returns the median per variant (the slowest rank's), and
+``measure_peak`` runs one variant once in fresh processes and returns the largest rank's peak
+resident memory above the resident size before the step.
 glibc returns large freed blocks to the system, so the high-water mark sees every big buffer.
 """
 
@@ -57,8 +58,9 @@ def _worker(rank, tp, port, setup, args, names, repeats, results):
         times = {name: [] for name in names}
         for name in names:  # warm-up
             step(name)
-        for _ in range(repeats):
-            for name in names:
+        for repeat in range(repeats):
+            # Alternating the order (ABBA) keeps a drifting machine load off any one variant.
+            for name in names if repeat % 2 == 0 else names[::-1]:
                 times[name].append(step(name))
         results.put((rank, {name: statistics.median(t) for name, t in times.items()}))
     dist.destroy_process_group()

@@ -24,7 +24,7 @@ its batch (nor on the data-parallel split).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -59,13 +59,16 @@ class Generation:
 
     ``log_prob`` sums log pi(token | prefix) at temperature 1 over the generated tokens
     (the EOS included when it was generated); ``entropy`` is the policy's mean entropy
-    (nats, temperature 1) over the positions that generated them.
+    (nats, temperature 1) over the positions that generated them. ``token_log_probs`` are
+    the summands, one per generated token (EOS included), from :meth:`Generator.sample`
+    (empty from beam search).
     """
 
     tokens: list[int]  # the response, without the EOS
     finished: bool  # ended with EOS (else the token budget ran out)
     log_prob: float
     entropy: float
+    token_log_probs: list[float] = field(default_factory=list)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -205,6 +208,7 @@ class Generator:
         generators = [torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds]
         # Per row: [sum log-prob, sum entropy, generated count], kept on the last stage.
         stats = torch.zeros(batch, 3, device=self.device)
+        token_log_probs = torch.zeros(batch, total, device=self.device)  # at each token's position
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         context = StaticInferenceContext(batch, total)
         start, position = 0, int(lengths.min())
@@ -223,21 +227,28 @@ class Generator:
                 picked = log_probs.gather(-1, chosen[:, None]).squeeze(-1)
                 stats += generating[:, None] * torch.stack(
                     [picked, _entropy(log_probs), torch.ones_like(picked)], dim=-1)
+                token_log_probs[:, position] = torch.where(generating, picked, 0.0)
             chosen = self._from_last_stage(chosen, like=lengths)
             tokens[:, position] = torch.where(generating, chosen, tokens[:, position])
             done |= generating & ((chosen == self.eos_id) | (position + 1 >= ends))
             start, position = position, position + 1
         stats = self._from_last_stage(stats if self.is_last_stage else None, like=stats)
-        return [self._generation(tokens[row, int(lengths[row]):], stats[row])
+        token_log_probs = self._from_last_stage(
+            token_log_probs if self.is_last_stage else None, like=token_log_probs)
+        return [self._generation(tokens[row, int(lengths[row]):], stats[row],
+                                 token_log_probs[row, int(lengths[row]):])
                 for row in range(batch)]
 
-    def _generation(self, generated: torch.Tensor, stats: torch.Tensor) -> Generation:
-        """The response from a row's tokens after its prompt (EOS-padded) and its stats."""
+    def _generation(self, generated: torch.Tensor, stats: torch.Tensor,
+                    token_log_probs: torch.Tensor) -> Generation:
+        """The response from a row's tokens after its prompt (EOS-padded), its stats and the
+        log-probs at those positions."""
         count = int(stats[2])
         response = generated[:count].tolist()
         finished = bool(response) and response[-1] == self.eos_id
         return Generation(tokens=response[:-1] if finished else response, finished=finished,
-                          log_prob=float(stats[0]), entropy=float(stats[1]) / max(count, 1))
+                          log_prob=float(stats[0]), entropy=float(stats[1]) / max(count, 1),
+                          token_log_probs=token_log_probs[:count].tolist())
 
     # ------------------------------------------------------------------ beam search
 

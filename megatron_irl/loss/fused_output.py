@@ -1,36 +1,42 @@
-"""Output layer fused with the soft-Q loss: hidden states in, per-token loss out, no full logits.
+"""Output layer fused with the soft-Q loss sum: hidden states in, loss sum out, no full logits.
 
-``fused_output_soft_q_loss(hidden, weight, ...)`` gives the same outputs and the same gradients
-w.r.t. ``hidden`` and ``weight`` as Megatron's vocab-parallel output layer (ColumnParallelLinear
-without ``gather_output``) followed by ``vocab_parallel_soft_q_loss``:
+``fused_output_soft_q_loss_sum(hidden, weight, ...)`` gives the same loss sum, per-token
+metrics and gradients w.r.t. ``hidden`` and ``weight`` as Megatron's vocab-parallel output
+layer (ColumnParallelLinear without ``gather_output``) followed by the summed
+``vocab_parallel_soft_q_loss``:
 
     logits = hidden @ weight.T              # [b, s, v/tp]; never materialised here
-    vocab_parallel_soft_q_loss(logits, labels, loss_mask, terminal, ...)
+    vocab_parallel_soft_q_loss(logits, labels, loss_mask, terminal, ...).loss.sum()
 
-but it holds at most ``chunk_size`` tokens' logits ``[chunk_size, v/tp]`` (fp32) at a time.
+but it holds at most ``chunk_size`` tokens' logits ``[v/tp, chunk_size]`` (fp32) at a time.
 
-Forward (pass 1): for each chunk of tokens, compute the chunk's logits, this rank's row max
-``m_r``, its sum of ``exp(z - m_r)`` and the target logit where this rank owns the label.
-Once every token is done, the ranks' partial results combine flash-style:
-``M = max_r m_r`` and ``sum_exp = sum_r sum_exp_r * exp(m_r - M)``, so ``V = M + log(sum_exp)``
-for *all* tokens is known before any per-token term. The TD term couples t to t+1
-(``delta_t`` needs ``V(s_{t+1})``), which is why V is computed for every token first: chunk
-boundaries then need no special handling, and the per-token maths is the unfused loss's own
-(``soft_q._per_token_terms``).
+Only the scalar sum is differentiable: the gradient of ``g * sum_t loss_t`` is ``g`` times the
+gradient of the sum, so the gradients w.r.t. ``hidden`` and ``weight`` are computed in the
+forward pass, while each chunk's logits are at hand (three ``tokens x h x v/tp`` matmuls in
+all, as unfused: logits, hidden gradient, weight gradient), and backward only scales them by
+``g``. The per-token outputs are returned detached, for metrics.
 
-Backward (pass 2): the gradient w.r.t. the logits is ``coef_value * softmax + coef_target *
-onehot(label)`` with two per-token scalars (``soft_q._per_token_grad_coefficients``), known
-for all tokens from pass 1's saved ``[b, s]`` tensors. Each chunk's logits are recomputed,
-turned in place into ``exp(z - V)`` (the softmax), then into the chunk's logit gradient, which
-gives the chunk's rows of ``grad_hidden`` and is accumulated into ``grad_weight`` (fp32).
+Per chunk of tokens, once the chunk's logits are turned into ``exp(z - m)`` (``m`` this rank's
+row max) and the row maxima and sums are combined over the TP ranks flash-style
+(``M = max_r m_r``, ``sum_exp = sum_r sum_exp_r * exp(m_r - M)``, ``V = M + log(sum_exp)``),
+the gradient w.r.t. the logits is ``coef_value_t * softmax_t + coef_target_t * onehot(a_t)``
+(``soft_q._per_token_grad_coefficients``). The TD term couples neighbours:
+
+- ``coef_value_t`` needs ``V(s_t)`` and the *previous* token's target logit (through
+  ``delta_{t-1}``), both known when the chunk is reached, since chunks run in token order. So
+  the softmax part is formed in place in the chunk buffer and goes through the two gradient
+  matmuls right away (``_softmax_coefficient``).
+- ``coef_target_t`` needs ``delta_t``, hence the *next* token's ``V(s_{t+1})``, which may lie in
+  the next chunk. The one-hot part is only a gather and a scatter of ``[tokens, h]`` rows (no
+  matmul), so it is added after the last chunk, with the coefficients of the unfused loss.
 
 Collectives over ``tp_group`` (all on contiguous tensors; none at one rank):
-    forward:  all-reduce MAX of ``[b*s]`` fp32 (row max), then all-reduce SUM of ``[2, b*s]``
-              fp32 (target logit and rescaled sum of exponentials) - as the unfused loss.
+    forward, per chunk of c tokens: all-reduce MAX of ``[c]`` fp32 (row max), then all-reduce
+        SUM of ``[2, c]`` fp32 (target logit and rescaled sum of exponentials).
     backward: all-reduce SUM of ``grad_hidden`` ``[b*s, h]`` (``hidden``'s dtype), when
-              ``hidden`` needs a gradient - the all-reduce ColumnParallelLinear's backward does
-              (``copy_to_tensor_model_parallel_region``): every rank's vocabulary shard
-              contributes to the gradient of the replicated hidden states.
+        ``hidden`` needs a gradient - the all-reduce ColumnParallelLinear's backward does
+        (``copy_to_tensor_model_parallel_region``): every rank's vocabulary shard contributes
+        to the gradient of the replicated hidden states.
 
 Sequence parallelism: ``hidden`` must hold the whole sequence. Sequence-sharded hidden states
 are all-gathered by the caller first, as Megatron's output layer does, with a backward that
@@ -38,13 +44,13 @@ are all-gathered by the caller first, as Megatron's output layer does, with a ba
 tensor_parallel_output_grad=False)``) since the gradient returned here is already summed over
 the TP group (``megatron_irl.training.model`` does exactly this).
 
-Cost: the chunk logits are computed twice (forward and backward), so four matmuls of
-``tokens x h x v/tp`` instead of the unfused three.
+Memory: the weight gradient ``[v/tp, h]`` (fp32 while accumulating) and the hidden gradient
+``[b*s, h]`` are held from forward to backward, next to one chunk buffer during forward.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -55,23 +61,15 @@ from megatron_irl.loss.soft_q import (
     _check_per_token_inputs,
     _per_token_grad_coefficients,
     _per_token_terms,
-    _upstream_grads,
     _vocab_range,
 )
 
 
-def _chunk_logits(hidden_rows: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor):
-    """fp32 logits ``[c, v/tp]`` of ``hidden_rows`` ``[c, h]``, written into ``buffer[:c]``.
+class FusedLossSum(NamedTuple):
+    """Result of ``fused_output_soft_q_loss_sum``."""
 
-    bf16/fp16 inputs multiply in their own dtype (the logits are rounded to it, as the unfused
-    ``hidden @ weight.T`` gives them) and are then copied to fp32.
-    """
-    out = buffer[: hidden_rows.size(0)]
-    if hidden_rows.dtype == torch.float32:
-        torch.mm(hidden_rows, weight.t(), out=out)
-    else:
-        out.copy_(hidden_rows @ weight.t())
-    return out
+    loss_sum: torch.Tensor  # 0-dim fp32, sum of per_token.loss; differentiable
+    per_token: SoftQLossOutput  # [b, s] fp32 each, detached
 
 
 def _chunks(num_tokens: int, chunk_size: int):
@@ -79,96 +77,162 @@ def _chunks(num_tokens: int, chunk_size: int):
         yield slice(start, min(start + chunk_size, num_tokens))
 
 
-class _FusedOutputSoftQLoss(torch.autograd.Function):
-    """Forward and backward of ``fused_output_soft_q_loss``; see there and the module doc."""
+def _chunk_logits(hidden_rows: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor):
+    """fp32 logits of ``hidden_rows`` ``[c, h]``, vocabulary-major: ``[v/tp, c]``, contiguous,
+    in the first ``v/tp * c`` elements of the flat fp32 ``buffer``.
+
+    Vocabulary-major because ``weight @ hidden_rows.T`` (the vocabulary is the matmul's long
+    dimension) runs much faster with MKL on two threads than ``hidden_rows @ weight.T`` at
+    chunk sizes in the hundreds (docs/benchmarks.md, issue #10), and it makes the weight
+    gradient matmul ``[v/tp, c] @ [c, h]`` need no transpose. bf16/fp16 inputs multiply in
+    their own dtype (the logits are rounded to it, as the unfused ``hidden @ weight.T`` gives
+    them) and are then copied to fp32.
+    """
+    out = buffer[: weight.size(0) * hidden_rows.size(0)].view(weight.size(0), -1)
+    if hidden_rows.dtype == torch.float32:
+        torch.mm(weight, hidden_rows.t(), out=out)
+    else:
+        out.copy_(weight @ hidden_rows.t())
+    return out
+
+
+def _previous_token_weight(loss_mask, terminal, lam, gamma, stop_value_grad) -> torch.Tensor:
+    """``[b*s]`` fp32: how much ``delta_{t-1}`` pulls on ``V(s_t)`` in ``d(sum loss)/dV(s_t)``.
+
+    ``2 * lam * gamma * loss_mask_{t-1}`` where the TD term of t-1 bootstraps from ``V(s_t)``
+    (t - 1 in the same row, not terminal), else 0; all 0 with ``stop_value_grad``.
+    """
+    weight = torch.zeros_like(loss_mask, dtype=torch.float32)  # [b, s]
+    if not stop_value_grad:
+        weight[:, 1:] = 2.0 * lam * gamma * loss_mask[:, :-1] * (~terminal[:, :-1])
+    return weight.reshape(-1)
+
+
+def _softmax_coefficient(rows, value, target_logit, loss_mask, previous_weight, gamma):
+    """``coef_value`` of ``soft_q._per_token_grad_coefficients`` for ``d(sum loss)``, at the
+    flat token ``rows`` (a slice of ``[b*s]``), from what the chunks so far have given.
+
+    With upstream gradient 1 on every loss it is ``loss_mask_t - previous_weight_t *
+    delta_{t-1}``, where ``delta_{t-1} = z_{t-1}[a_{t-1}] - gamma * V(s_t)`` wherever
+    ``previous_weight_t`` is not 0. Reads ``value`` at ``rows`` and ``target_logit`` at
+    ``rows - 1`` (the first token has no predecessor: its weight is 0).
+    """
+    previous_target = target_logit[max(rows.start - 1, 0):rows.stop - 1]  # [c] or [c - 1]
+    if rows.start == 0:
+        previous_target = torch.cat((previous_target.new_zeros(1), previous_target))
+    previous_delta = previous_target - gamma * value[rows]
+    return loss_mask[rows] - previous_weight[rows] * previous_delta  # [c]
+
+
+class _FusedOutputSoftQLossSum(torch.autograd.Function):
+    """Forward and backward of ``fused_output_soft_q_loss_sum``; see there and the module doc."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, loss_mask, terminal, lam, gamma, stop_value_grad,
-                chunk_size, tp_group):
+                chunk_size, tp_group, want_hidden, want_weight):
         b, s, h = hidden.shape
-        flat_hidden = hidden.reshape(b * s, h)  # [t, h], t = b * s tokens
+        num_tokens = b * s
+        flat_hidden = hidden.reshape(num_tokens, h)  # [t, h]
         vocab_start, vocab_end = _vocab_range(weight.size(0), tp_group)
         flat_labels = labels.reshape(-1)
         owned = (flat_labels >= vocab_start) & (flat_labels < vocab_end)  # [t]
         local_label = torch.where(owned, flat_labels - vocab_start, 0).unsqueeze(-1)  # [t, 1]
+        flat_mask = loss_mask.reshape(-1).float()
+        previous_weight = _previous_token_weight(loss_mask, terminal, lam, gamma,
+                                                 stop_value_grad)
 
-        local_max = torch.empty(b * s, dtype=torch.float32, device=hidden.device)
-        local_sum_exp = torch.empty_like(local_max)  # sum of exp(z - local_max), this shard
-        target_logit = torch.empty_like(local_max)  # z[label] where owned, else 0
-        buffer = hidden.new_empty(min(chunk_size, b * s), weight.size(0), dtype=torch.float32)
-        for rows in _chunks(b * s, chunk_size):
-            logits = _chunk_logits(flat_hidden[rows], weight, buffer)  # [c, v/tp]
-            chunk_max = logits.amax(dim=-1)
-            local_max[rows] = chunk_max
-            target = logits.gather(-1, local_label[rows]).squeeze(-1)
-            target_logit[rows] = torch.where(owned[rows], target, 0.0)
-            local_sum_exp[rows] = logits.sub_(chunk_max.unsqueeze(-1)).exp_().sum(dim=-1)
-        del buffer
-
-        logits_max = local_max.clone()
-        all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
-        # The online-softmax combination: each shard's sum rescaled to the global max.
-        rescaled_sum_exp = local_sum_exp * torch.exp(local_max - logits_max)
-        shifted_target = torch.where(owned, target_logit - logits_max, 0.0)
-        target_and_sum_exp = torch.stack((shifted_target, rescaled_sum_exp))  # [2, t]
-        all_reduce(target_and_sum_exp, dist.ReduceOp.SUM, tp_group)
-        shifted_target, sum_exp = (x.view(b, s) for x in target_and_sum_exp.unbind(0))
-        logits_max = logits_max.view(b, s)
-
-        log_sum_exp = torch.log(sum_exp)
-        out, td_active = _per_token_terms(
-            logits_max + log_sum_exp, logits_max + shifted_target, log_sum_exp - shifted_target,
-            loss_mask, terminal, lam, gamma,
-        )
-        ctx.save_for_backward(hidden, weight, owned, local_label, out.value, out.delta,
-                              loss_mask, terminal, td_active)
-        ctx.lam, ctx.gamma, ctx.stop_value_grad = lam, gamma, stop_value_grad
-        ctx.chunk_size, ctx.tp_group = chunk_size, tp_group
-        ctx.set_materialize_grads(False)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_loss, grad_nll, grad_delta, grad_value):
-        (hidden, weight, owned, local_label, value, delta,
-         loss_mask, terminal, td_active) = ctx.saved_tensors
-        upstream = _upstream_grads((grad_loss, grad_nll, grad_delta, grad_value), delta)
-        coef_value, coef_target = _per_token_grad_coefficients(
-            upstream, delta, loss_mask, terminal, td_active,
-            ctx.lam, ctx.gamma, ctx.stop_value_grad,
-        )
-        b, s, h = hidden.shape
-        flat_hidden = hidden.reshape(b * s, h)
-        coef_value = coef_value.reshape(-1, 1)  # [t, 1]
-        coef_target = (coef_target.reshape(-1) * owned).unsqueeze(-1)  # [t, 1]
-        value = value.reshape(-1, 1)  # [t, 1]
-        want_hidden, want_weight = ctx.needs_input_grad[:2]
-
+        value = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)  # V(s_t)
+        target_logit = torch.empty_like(value)  # z_t[a_t]
+        neg_log_prob = torch.empty_like(value)  # V - z[a] without the max, as unfused
         grad_hidden = torch.empty_like(flat_hidden) if want_hidden else None  # [t, h]
         # fp32 accumulator over chunks whatever the weight's dtype; [v/tp, h].
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight else None
-        buffer = hidden.new_empty(min(ctx.chunk_size, b * s), weight.size(0),
+        buffer = hidden.new_empty(min(chunk_size, num_tokens) * weight.size(0),
                                   dtype=torch.float32)
-        for rows in _chunks(b * s, ctx.chunk_size):
+        for rows in _chunks(num_tokens, chunk_size):
             hidden_rows = flat_hidden[rows]
-            logits = _chunk_logits(hidden_rows, weight, buffer)  # [c, v/tp]
-            # In place: logits -> softmax exp(z - V) -> the chunk's gradient w.r.t. logits.
-            grad_logits = logits.sub_(value[rows]).exp_().mul_(coef_value[rows])
-            grad_logits.scatter_add_(-1, local_label[rows], coef_target[rows])
+            # In place: logits -> exp(z - local max) -> the softmax part of the gradient.
+            exp_logits = _chunk_logits(hidden_rows, weight, buffer)  # [v/tp, c]
+            local_max = exp_logits.amax(dim=0)  # [c]
+            local_target = exp_logits.gather(0, local_label[rows].t()).squeeze(0)
+            exp_logits.sub_(local_max).exp_()
+            logits_max = local_max.clone()
+            all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
+            # The online-softmax combination: each shard's sum rescaled to the global max.
+            shard_scale = torch.exp(local_max - logits_max)  # [c]
+            target_and_sum_exp = torch.stack((
+                torch.where(owned[rows], local_target - logits_max, 0.0),
+                exp_logits.sum(dim=0) * shard_scale,
+            ))  # [2, c]
+            all_reduce(target_and_sum_exp, dist.ReduceOp.SUM, tp_group)
+            shifted_target, sum_exp = target_and_sum_exp.unbind(0)
+            log_sum_exp = torch.log(sum_exp)
+            value[rows] = logits_max + log_sum_exp
+            target_logit[rows] = logits_max + shifted_target
+            neg_log_prob[rows] = log_sum_exp - shifted_target
+            if not (want_hidden or want_weight):
+                continue
+            coef = _softmax_coefficient(rows, value, target_logit, flat_mask, previous_weight,
+                                        gamma)
+            grad_logits = exp_logits.mul_(coef * shard_scale / sum_exp)  # [v/tp, c]
             if want_hidden:
-                torch.mm(grad_logits.to(hidden.dtype), weight, out=grad_hidden[rows])
+                torch.mm(grad_logits.t().to(hidden.dtype), weight, out=grad_hidden[rows])
             if want_weight:
-                grad_weight.addmm_(grad_logits.t(), hidden_rows.float())
+                grad_weight.addmm_(grad_logits, hidden_rows.float())
         del buffer
 
-        if want_hidden:
-            all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.tp_group)  # contiguous [t, h]
-            grad_hidden = grad_hidden.view(b, s, h)
-        if want_weight:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+        out, td_active = _per_token_terms(
+            value.view(b, s), target_logit.view(b, s), neg_log_prob.view(b, s),
+            loss_mask, terminal, lam, gamma,
+        )
+        if want_hidden or want_weight:
+            _add_one_hot_part(out, flat_hidden, weight, owned, local_label, loss_mask, terminal,
+                              td_active, lam, gamma, chunk_size, grad_hidden, grad_weight)
+        ctx.grad_hidden = grad_hidden.view(b, s, h) if want_hidden else None
+        ctx.grad_weight = grad_weight.to(weight.dtype) if want_weight else None
+        ctx.tp_group = tp_group
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*out)
+        return (out.loss.sum(), *out)
+
+    @staticmethod
+    def backward(ctx, grad_loss_sum, *unused_per_token_grads):
+        if not hasattr(ctx, "grad_weight"):
+            raise RuntimeError("fused_output_soft_q_loss_sum: backward may run only once")
+        grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
+        del ctx.grad_hidden, ctx.grad_weight  # the returned tensors are the only references
+        if grad_loss_sum is None:
+            return (None,) * 12
+        # In place: the gradients of the sum become those of grad_loss_sum * sum.
+        if grad_hidden is not None:
+            grad_hidden.mul_(grad_loss_sum)
+            all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.tp_group)  # contiguous [b, s, h]
+        if grad_weight is not None:
+            grad_weight.mul_(grad_loss_sum)
+        return (grad_hidden, grad_weight) + (None,) * 10
 
 
-def fused_output_soft_q_loss(
+def _add_one_hot_part(out, flat_hidden, weight, owned, local_label, loss_mask, terminal,
+                      td_active, lam, gamma, chunk_size, grad_hidden, grad_weight):
+    """Adds ``coef_target_t * onehot(a_t)``'s share to ``grad_hidden`` ``[t, h]`` (rows
+    ``coef * weight[a_t]``) and ``grad_weight`` ``[v/tp, h]`` fp32 (``coef * hidden_t`` into row
+    ``a_t``), where this rank owns ``a_t``; in place, ``chunk_size`` tokens at a time so that
+    no extra ``[t, h]`` tensor is made."""
+    upstream = SoftQLossOutput(torch.ones_like(out.loss), *(torch.zeros_like(out.loss),) * 3)
+    _, coef_target = _per_token_grad_coefficients(
+        upstream, out.delta, loss_mask, terminal, td_active, lam, gamma, stop_value_grad=True,
+    )  # stop_value_grad changes only coef_value, which is not used here
+    coef_target = (coef_target.reshape(-1) * owned).unsqueeze(-1)  # [t, 1]
+    for rows in _chunks(flat_hidden.size(0), chunk_size):
+        labels_rows = local_label[rows].squeeze(-1)  # [c]
+        if grad_hidden is not None:
+            grad_hidden[rows] += (coef_target[rows] * weight[labels_rows].float()).to(
+                grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight.index_add_(0, labels_rows, coef_target[rows] * flat_hidden[rows].float())
+
+
+def fused_output_soft_q_loss_sum(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
@@ -181,8 +245,9 @@ def fused_output_soft_q_loss(
     tp_group: Optional[dist.ProcessGroup] = None,
     stop_value_grad: bool = False,
     check_labels: bool = False,
-) -> SoftQLossOutput:
-    """Soft-Q loss of ``hidden @ weight.T`` without materialising the ``[b*s, v/tp]`` logits.
+) -> FusedLossSum:
+    """Summed soft-Q loss of ``hidden @ weight.T`` without materialising the ``[b*s, v/tp]``
+    logits, with per-token metrics.
 
     Args:
         hidden: ``[b, s, h]`` final hidden states (batch-major, the layout of the labels; a
@@ -194,18 +259,24 @@ def fused_output_soft_q_loss(
         labels, loss_mask, terminal, lam, gamma, stop_value_grad, check_labels: as in
             ``vocab_parallel_soft_q_loss``.
         chunk_size: tokens per chunk (any size >= 1); the working buffer is
-            ``[chunk_size, v/tp]`` fp32, e.g. 128 MiB for 256 tokens at v/tp = 128k.
+            ``[v/tp, chunk_size]`` fp32, e.g. 128 MiB for 256 tokens at v/tp = 128k.
         tp_group: tensor-parallel group; defaults to Megatron's when initialised, else one rank.
 
     Returns:
+        ``FusedLossSum(loss_sum, per_token)``: ``loss_sum`` is ``per_token.loss.sum()`` (0-dim
+        fp32) and the only differentiable output; ``per_token`` is the detached
         ``SoftQLossOutput(loss, nll, delta, value)``, each ``[b, s]`` fp32, equal (to fp32
         rounding) to the unfused loss of ``hidden @ weight.T``.
 
-    Gradients: ``hidden`` gets the full gradient, summed over the TP group (one all-reduce, see
-    the module doc for every collective); ``weight`` gets this shard's gradient. The maths runs
-    in fp32; with bf16/fp16 inputs the logits are rounded to that dtype first (as the unfused
-    matmul gives them), the weight gradient is accumulated in fp32 and the hidden gradient is
-    computed in the input dtype. Mutates nothing; backward may run only once.
+    Gradients (of ``loss_sum`` only): ``hidden`` gets the full gradient, summed over the TP
+    group (one all-reduce in backward, see the module doc for every collective); ``weight``
+    gets this shard's gradient. Both are computed during forward when grad mode is on and the
+    tensor requires grad (under ``torch.no_grad`` only the loss is computed) and held until
+    backward: ``[b, s, h]`` and ``[v/tp, h]`` in the inputs' dtype, the latter accumulated in
+    fp32 (a transient fp32 ``[v/tp, h]`` with bf16/fp16 weights). The maths runs in fp32; with
+    bf16/fp16 inputs the logits are rounded to that dtype first (as the unfused matmul gives
+    them) and the hidden gradient's matmul runs in the input dtype. Mutates nothing; backward
+    may run only once.
     """
     if tp_group is None:
         tp_group = default_tp_group()
@@ -228,7 +299,10 @@ def fused_output_soft_q_loss(
         labels, loss_mask, terminal, lam, gamma,
         vocab_size=weight.size(0) * tp_size if check_labels else None,
     )
-    return SoftQLossOutput(*_FusedOutputSoftQLoss.apply(
+    grad_enabled = torch.is_grad_enabled()
+    loss_sum, *per_token = _FusedOutputSoftQLossSum.apply(
         hidden, weight, labels, loss_mask, terminal, float(lam), float(gamma), stop_value_grad,
-        chunk_size, tp_group,
-    ))
+        chunk_size, tp_group, grad_enabled and hidden.requires_grad,
+        grad_enabled and weight.requires_grad,
+    )
+    return FusedLossSum(loss_sum, SoftQLossOutput(*per_token))

@@ -9,6 +9,10 @@ Layout of a checkpoint directory (Megatron-LM's naming)::
         training_state.json                  iteration, consumed samples, config, model
                                                architecture, parallel layout (rank 0 writes it)
         config.yaml                          the run's config, for people
+        policy_samples.pt, discriminator.pt  --irl-loss online / gail only: the samples in
+                                               use and the GAIL discriminator (written by
+                                               ``save_checkpoint``'s ``write_extra``; see
+                                               ``megatron_irl.training.online``)
 
 What one checkpoint holds (a single dist_checkpointing state dict):
 
@@ -138,7 +142,7 @@ def read_saved_state(load_dir: str) -> dict:
 
 
 def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, optimizer,
-                    scheduler) -> str:
+                    scheduler, write_extra: Callable[[str], None] | None = None) -> str:
     """Save model, optimizer, scheduler, RNG and ``state`` as ``<save_dir>/iter_<n>``.
 
     Args:
@@ -148,6 +152,9 @@ def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, opt
         optimizer: the ``get_megatron_optimizer`` optimizer of ``model_chunks``, or None
             (weights only, e.g. a converted model).
         scheduler: the ``OptimizerParamScheduler`` of ``optimizer``, or None.
+        write_extra: called on every rank with the iteration directory once the shards are
+            written and before the marker moves, to add files of its own (the online
+            losses' samples and discriminator); it may run collectives.
 
     Returns:
         The iteration directory. If the marker already names this iteration (a complete
@@ -183,6 +190,8 @@ def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, opt
         sharded_state["optimizer"] = optimizer.sharded_state_dict(
             model_state, metadata=dict(_OPTIMIZER_STATE_METADATA))
     dist_checkpointing.save(sharded_state, directory)
+    if write_extra is not None:
+        write_extra(directory)
     dist.barrier()  # every rank's shards are written: only now may the marker move
 
     def finish() -> int:

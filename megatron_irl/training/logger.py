@@ -20,6 +20,18 @@ def _format_duration(seconds: float) -> str:
     return f"{hours:d}:{minutes:02d}:{secs:02d}"
 
 
+# Console columns shown when the step has the scalar: (name, label, format).
+_LOSS_COLUMNS = (("td_squared", "td^2", ".4f"), ("reward", "reward", "+.4f"),
+                 ("disc_accuracy", "disc acc", ".3f"))
+# --irl-loss online / gail: seconds spent sampling (0 on steps that reuse samples) and updating.
+_SAMPLING_COLUMNS = (("sample_seconds", "sample s", ".2f"), ("update_seconds", "update s", ".2f"))
+
+
+def _columns(scalars: dict[str, float], columns) -> str:
+    return "".join(f"| {label} {scalars[name]:{spec}} " for name, label, spec in columns
+                   if name in scalars)
+
+
 class TrainingLogger:
     def __init__(self, cfg: LoggingConfig, train_iters: int, is_logging_rank: bool):
         self.cfg = cfg
@@ -75,10 +87,11 @@ class TrainingLogger:
             self.info(
                 f"iteration {iteration:>6d}/{self.train_iters} | lr {scalars['lr']:.3e} "
                 f"| loss {scalars['loss']:.4f} | mle {scalars['nll']:.4f} "
-                f"| td^2 {scalars['td_squared']:.4f} | reward {scalars['reward']:+.4f} "
-                f"| grad norm {scalars['grad_norm']:.3f} "
+                + _columns(scalars, _LOSS_COLUMNS)
+                + f"| grad norm {scalars['grad_norm']:.3f} "
                 + (f"| loss scale {scalars['loss_scale']:.1f} | skipped "
                    f"{scalars['skipped']:.0f} " if "loss_scale" in scalars else "")
+                + _columns(scalars, _SAMPLING_COLUMNS)
                 + f"| tokens/s {tokens_per_second:,.0f} "
                 f"| elapsed {_format_duration(elapsed)} | eta {_format_duration(eta)}"
             )

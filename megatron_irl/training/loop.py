@@ -4,7 +4,9 @@ One step: this rank's micro-batches of the global batch go through Megatron-Core
 schedule (``get_forward_backward_func``: no pipelining, 1F1B or interleaved), the objective
 runs on the last pipeline stage, ``finalize_model_grads`` reduces gradients over data
 parallelism and divides them by the global batch's trained-token count, and Megatron's
-optimizer clips and steps.
+optimizer clips and steps. With ``--irl-loss online`` / ``gail`` (``training/online.py``) each
+step first draws or reuses the policy's samples, which join every micro-batch as extra rows,
+and the objective is the online one.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_irl.config import TrainConfig
+from megatron_irl.config_online import SAMPLING_LOSSES
 from megatron_irl.data import (
     EvalBatches,
     SFTDataset,
@@ -28,7 +31,12 @@ from megatron_irl.data import (
     block_causal_attention_mask,
     load_tokenizer,
 )
-from megatron_irl.training.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+from megatron_irl.training.checkpoint import (
+    TrainingState,
+    iteration_dir,
+    load_checkpoint,
+    save_checkpoint,
+)
 from megatron_irl.training.distributed import (
     init_distributed,
     is_logging_rank,
@@ -37,6 +45,7 @@ from megatron_irl.training.distributed import (
 from megatron_irl.training.logger import TrainingLogger
 from megatron_irl.training.model import build_model_chunks, wrap_data_parallel
 from megatron_irl.training.objective import Objective, metric_means
+from megatron_irl.training.online import OnlineTraining
 from megatron_irl.training.optimizer import build_optimizer, build_scheduler
 from megatron_irl.training.signals import install_stop_handlers, stop_signal_received
 
@@ -62,7 +71,8 @@ def _run_schedule(model, micro_batches, objective, cfg: TrainConfig, forward_onl
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(micro_batches),
         seq_length=cfg.model.seq_length,
-        micro_batch_size=cfg.training.micro_batch_size,
+        # --micro-batch-size rows, plus the policy rows of --irl-loss online / gail.
+        micro_batch_size=micro_batches[0]["tokens"].shape[0],
         forward_only=forward_only,
     )
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
@@ -192,13 +202,30 @@ def train(cfg: TrainConfig) -> TrainingState:
             tokenizer, train_batches, eval_batches = _setup_data(cfg, log)
             trainable = build_trainable(cfg, tokenizer.vocab_size)
             state = _restore(cfg, trainable, log)
-            return _train_loop(cfg, trainable, state, train_batches, eval_batches, log)
+            online = _setup_online(cfg, trainable, tokenizer, train_batches, state, log)
+            return _train_loop(cfg, trainable, state, train_batches, eval_batches, log, online)
     finally:
         shutdown_distributed()
 
 
+def _setup_online(cfg: TrainConfig, trainable: Trainable, tokenizer,
+                  train_batches: TrainingBatches, state: TrainingState,
+                  log: TrainingLogger) -> OnlineTraining | None:
+    """The sampler (and GAIL discriminator) of ``--irl-loss online`` / ``gail``, resumed from
+    the ``--load`` checkpoint; None for the offline losses."""
+    if cfg.irl.loss not in SAMPLING_LOSSES:
+        return None
+    online = OnlineTraining(cfg, trainable.model, trainable.chunks[0], tokenizer,
+                            train_batches.dataset, _num_microbatches(cfg))
+    if cfg.checkpoint.load and not cfg.checkpoint.finetune:
+        for message in online.load(iteration_dir(cfg.checkpoint.load, state.iteration)):
+            log.info(message)
+    return online
+
+
 def _train_loop(cfg: TrainConfig, trainable: Trainable, state: TrainingState,
-                train_batches: TrainingBatches, eval_batches, log: TrainingLogger):
+                train_batches: TrainingBatches, eval_batches, log: TrainingLogger,
+                online: OnlineTraining | None):
     """Steps until ``--train-iters``, ``--exit-interval`` or a termination signal."""
     model = trainable.model
     tokens_per_step = cfg.training.global_batch_size * cfg.model.seq_length
@@ -206,14 +233,21 @@ def _train_loop(cfg: TrainConfig, trainable: Trainable, state: TrainingState,
     log.begin(state.iteration)
     while state.iteration < cfg.training.train_iters:
         start = time.monotonic()
-        objective = Objective(cfg.irl, state.iteration)
+        objective = Objective(cfg.irl, state.iteration)  # also evaluates online / gail runs
         micro_batches = train_batches.batches_for_iteration(state.iteration)
+        step_objective, means = objective, metric_means
+        if online is not None:
+            step_objective, micro_batches = online.prepare_step(state.iteration, micro_batches,
+                                                                objective.lam)
+            means = online.metric_means
         metric_sums, step_scalars = train_step(model, trainable.optimizer, trainable.scheduler,
-                                               micro_batches, objective, cfg)
+                                               micro_batches, step_objective, cfg)
+        if online is not None:
+            step_scalars.update(online.finish_step())
         state.iteration += 1
         state.consumed_samples += cfg.training.global_batch_size
         if metric_sums is not None:
-            scalars = {**metric_means(metric_sums), **step_scalars, "lambda": objective.lam}
+            scalars = {**means(metric_sums), **step_scalars, "lambda": objective.lam}
             log.log_step(state.iteration, scalars, tokens_per_step / (time.monotonic() - start))
         if eval_batches is not None and state.iteration % cfg.training.eval_interval == 0:
             eval_sums = evaluate(model, eval_batches, objective, cfg)
@@ -223,21 +257,22 @@ def _train_loop(cfg: TrainConfig, trainable: Trainable, state: TrainingState,
         signalled = _stop_requested()
         exiting = signalled or _is_multiple(state.iteration, cfg.training.exit_interval)
         if exiting or _is_multiple(state.iteration, cfg.checkpoint.save_interval):
-            last_saved = _save(cfg, trainable, state, log)
+            last_saved = _save(cfg, trainable, state, log, online)
         if exiting:
             reason = "a termination signal" if signalled else "--exit-interval"
             log.info(f"stopping at iteration {state.iteration} on {reason}")
             return state
     if last_saved != state.iteration:
-        _save(cfg, trainable, state, log)
+        _save(cfg, trainable, state, log, online)
     return state
 
 
-def _save(cfg: TrainConfig, trainable: Trainable, state: TrainingState, log) -> int | None:
+def _save(cfg: TrainConfig, trainable: Trainable, state: TrainingState, log,
+          online: OnlineTraining | None) -> int | None:
     """Save a checkpoint when ``--save`` is set; returns the iteration saved (or None)."""
     if not cfg.checkpoint.save:
         return None
     save_checkpoint(cfg.checkpoint.save, state, trainable.chunks, trainable.optimizer,
-                    trainable.scheduler)
+                    trainable.scheduler, write_extra=online.save if online else None)
     log.info(f"saved checkpoint at iteration {state.iteration} to {cfg.checkpoint.save}")
     return state.iteration

@@ -25,8 +25,9 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_irl.config import TrainConfig, transformer_engine_problem
+from megatron_irl.config import TrainConfig
 from megatron_irl.planning import padded_vocab_size
+from megatron_irl.platform import transformer_engine_problem
 
 
 def half_precision_dtype(training) -> torch.dtype:

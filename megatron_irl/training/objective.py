@@ -17,7 +17,7 @@ import torch
 
 from megatron_irl.config import IRLConfig
 from megatron_irl.loss import vocab_parallel_entropy, vocab_parallel_soft_q_loss
-from megatron_irl.loss.fused_output import fused_output_soft_q_loss
+from megatron_irl.loss.fused_output import fused_output_soft_q_loss_sum
 from megatron_irl.loss.soft_q import td_active_mask
 
 # Sums per micro-batch. Means: loss, nll and entropy per trained token; td_squared and
@@ -28,7 +28,7 @@ METRICS = ("loss", "nll", "td_squared", "reward", "entropy", "trained_tokens", "
 def lambda_at(irl: IRLConfig, iteration: int) -> float:
     """The TD weight at step ``iteration`` (0-based): ramps linearly from 0 to
     ``--irl-lambda`` over ``--irl-lambda-warmup-iters`` steps, then stays there."""
-    if irl.loss != "soft_q":
+    if irl.loss not in ("soft_q", "online"):  # the losses with a TD term
         return 0.0
     if iteration >= irl.irl_lambda_warmup_iters:
         return irl.irl_lambda
@@ -54,7 +54,8 @@ class Objective:
             stop_value_grad=self.irl.irl_stop_value_grad,
         )
         if self.irl.fused_output_loss:  # soft_q only (IRLConfig checks)
-            out = fused_output_soft_q_loss(
+            # Differentiable only through the sum, which is all the schedule backpropagates.
+            loss_sum, out = fused_output_soft_q_loss_sum(
                 output.hidden, output.weight, labels, loss_mask, terminal,
                 chunk_size=self.irl.fused_output_chunk_size, **options,
             )
@@ -62,7 +63,7 @@ class Objective:
             # Before the soft-Q loss, which overwrites fp32 logits in place.
             entropy = vocab_parallel_entropy(output) if with_entropy else None  # [b, s]
             out = vocab_parallel_soft_q_loss(output, labels, loss_mask, terminal, **options)
-        loss_sum = out.loss.sum()
+            loss_sum = out.loss.sum()
         entropy_sum = (entropy * loss_mask).sum() if with_entropy else torch.zeros(())
         if with_entropy:
             loss_sum = loss_sum - self.irl.entropy_coef * entropy_sum

@@ -1,0 +1,114 @@
+"""``--irl-loss online`` and ``gail``: the policy rows, the configuration checks, and real
+torchrun launches of ``megatron_irl.train`` on the tiny configuration (``test_training``'s
+``run_train``), two of them at PP=2."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_training import assert_same_losses, losses, run_train
+
+from megatron_irl.config import ConfigError, IRLConfig, ParallelConfig, TrainConfig
+from megatron_irl.config_online import OnlineConfig
+
+SAMPLING = ["--online-max-new-tokens", "16", "--online-sample-interval", "2"]
+ONLINE = ["--irl-loss", "online", *SAMPLING]
+GAIL = ["--irl-loss", "gail", *SAMPLING, "--gail-entropy-weight", "0.01", "--gail-kl-weight",
+        "0.1", "--gail-disc-hidden-size", "32", "--gail-disc-num-layers", "1",
+        "--gail-disc-num-heads", "2"]
+PP2 = ["--pipeline-model-parallel-size", "2"]
+
+
+def test_policy_rows_mark_sampled_labels_and_keep_a_truncated_next_state():
+    from megatron_irl.training.sampling import SampleSet, policy_rows
+
+    pad, eos = 3, 2
+    # Row 0: prompt [1, 5], response [6] + EOS (finished). Row 1: prompt [1], response [7, 8]
+    # cut by the budget: its last token stays an input so that its next state is in the row.
+    tokens = torch.tensor([[1, 5, 6, eos, pad, pad], [1, 7, 8, pad, pad, pad]])
+    log_probs = torch.tensor([[0, 0, -0.5, -0.25, 0, 0], [0, -1.0, -2.0, 0, 0, 0]])
+    rows = policy_rows(SampleSet(0, tokens, torch.tensor([2, 1]), torch.tensor([4, 3]),
+                                 torch.tensor([True, False]), log_probs), pad)
+    assert rows["tokens"].tolist() == [[1, 5, 6, pad, pad, pad], [1, 7, 8, pad, pad, pad]]
+    assert rows["labels"].tolist() == [[5, 6, eos, pad, pad, pad], [7, 8, pad, pad, pad, pad]]
+    assert rows["policy_mask"].tolist() == [[0, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]]
+    assert rows["terminal"].tolist() == [[False, False, True, False, False, False],
+                                         [False] * 6]
+    assert rows["document_ids"].tolist() == [[0, 0, 0, -1, -1, -1], [0, 0, 0, -1, -1, -1]]
+    assert rows["position_ids"][1].tolist() == [0, 1, 2, 0, 0, 0]
+    assert rows["sample_log_prob"].tolist() == [[0, -0.5, -0.25, 0, 0, 0], [-1, -2, 0, 0, 0, 0]]
+    assert not rows["loss_mask"].any()
+
+
+@pytest.mark.parametrize("make, flag", [
+    (lambda: TrainConfig(irl=IRLConfig(loss="online", fused_output_loss=True)),
+     "--fused-output-loss"),
+    (lambda: TrainConfig(irl=IRLConfig(loss="gail"), parallel=ParallelConfig(
+        pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)),
+     "--virtual-pipeline-model-parallel-size"),
+    (lambda: TrainConfig(irl=IRLConfig(loss="online"), online=OnlineConfig(max_new_tokens=128)),
+     "--online-max-new-tokens"),
+    (lambda: TrainConfig(online=OnlineConfig(alpha_mix=0.5)), "--online-alpha-mix"),
+])
+def test_sampling_losses_reject_what_they_cannot_run_naming_the_flag(make, flag):
+    with pytest.raises(ConfigError, match=flag):
+        make()
+
+
+def test_online_with_alpha_mix_zero_logs_the_soft_q_losses(tmp_path):
+    soft_q = run_train(tmp_path, 1, name="soft_q")
+    online = run_train(tmp_path, 1, *ONLINE, "--online-alpha-mix", "0", name="online")
+    for name in ("loss", "nll", "td_squared", "grad_norm"):
+        assert_same_losses({s["iteration"]: s[name] for s in online},
+                           {s["iteration"]: s[name] for s in soft_q}, rel=1e-6)
+    assert all(step["policy_tokens"] > 0 for step in online)
+
+
+def _finite(steps: list[dict], names: tuple[str, ...]) -> None:
+    for step in steps:
+        for name in names:
+            assert math.isfinite(step[name]), (step["iteration"], name)
+
+
+def test_online_trains_under_pp2_and_logs_the_mixture(tmp_path):
+    steps = run_train(tmp_path, 2, *PP2, *ONLINE, "--online-alpha-mix", "0.5",
+                      "--online-td-over", "mixture")
+    _finite(steps, ("loss", "u_expert", "u_policy", "value_expert", "value_policy",
+                    "reward", "reward_policy", "response_length", "eos_fraction"))
+    assert [step["sample_step"] for step in steps] == [0, 0, 2, 2]
+    assert all(step["update_seconds"] > 0 for step in steps)
+    assert [step["sample_seconds"] > 0 for step in steps] == [True, False, True, False]
+    assert all(1 <= step["response_length"] <= 16 for step in steps)
+
+
+@pytest.fixture(scope="module")
+def gail_runs(tmp_path_factory) -> dict[str, list[dict]]:
+    """GAIL at PP=2 for 5 steps, and the same run stopped after step 3 (mid sampling interval:
+    its samples come from step 2) and resumed."""
+    tmp = tmp_path_factory.mktemp("gail")
+    run = [*PP2, *GAIL, "--train-iters", "5"]
+    return {
+        "whole": run_train(tmp, 2, *run, name="whole"),
+        "first": run_train(tmp, 2, *run, "--exit-interval", "3", name="first", save=True),
+        "resumed": run_train(tmp, 2, *run, "--load", str(tmp / "first_ckpt"), name="resumed"),
+    }
+
+
+def test_gail_trains_under_pp2_and_logs_its_metrics(gail_runs):
+    steps = gail_runs["whole"]
+    _finite(steps, ("loss", "nll", "reward", "reward_expert", "return", "entropy", "disc_loss",
+                    "sample_seconds", "update_seconds"))
+    assert all(0 <= step["disc_accuracy"] <= 1 for step in steps)
+    assert steps[-1]["disc_loss"] < steps[0]["disc_loss"]  # the discriminator learns
+
+
+def test_gail_resume_continues_the_sampling_schedule_and_the_losses(gail_runs):
+    whole, resumed = gail_runs["whole"], gail_runs["resumed"]
+    assert [step["sample_step"] for step in whole] == [0, 0, 2, 2, 4]
+    assert [step["sample_step"] for step in resumed] == [2, 4]
+    for name in ("loss", "disc_loss", "reward"):
+        assert_same_losses({s["iteration"]: s[name] for s in resumed},
+                           {s["iteration"]: s[name] for s in whole if s["iteration"] > 3})
+    assert list(losses(resumed)) == [4, 5]

@@ -29,8 +29,9 @@ setup(
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
-        # transformers: the conversion tests check logits against its own model classes.
-        "dev": ["pytest", "hypothesis", "transformers==5.24.0"],
+        # transformers (+ protobuf for sentencepiece tokenizers): the conversion tests load the
+        # exported models and tokenizers with it.
+        "dev": ["pytest", "hypothesis", "transformers==5.24.0", "protobuf"],
     },
     entry_points={"console_scripts": ["megatron-irl=megatron_irl.cli:main"]},
 )

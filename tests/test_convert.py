@@ -299,6 +299,93 @@ def test_finetuned_checkpoint_exports_and_generates_with_transformers(tmp_path):
     assert generated.shape == (1, prompt["input_ids"].shape[1] + 4)
 
 
+# ------------------------------------------------------------------ tests: sentencepiece export
+
+
+SENTENCEPIECE_MODEL = os.path.join(REPO, "examples", "data", "tokenizer.model")
+SAMPLE_TEXT = "Q: What is 17 plus 14?\nA: It is 31.\nQ: Count the letters in cat."
+
+
+def rank_save_model_and_logits(save_dir: str, tokenizer_model: str, tokens: torch.Tensor):
+    """Save examples/tiny.yaml's model, trained with ``tokenizer_model``, as an iteration-0
+    checkpoint (random weights, random norm weights), then reload it as :func:`rank_logits`
+    does; the logits [b, s, v_padded]. One rank."""
+    from megatron_irl.config import TrainConfig
+    from megatron_irl.data import load_tokenizer
+    from megatron_irl.training.checkpoint import TrainingState, save_checkpoint
+    from megatron_irl.training.model import build_model_chunks
+
+    with open(os.path.join(REPO, "examples", "tiny.yaml"), encoding="utf-8") as file:
+        model = yaml.safe_load(file)["model"]
+    # 128 pads the 320 pieces to 384 rows, so that the export has padding to remove.
+    cfg = TrainConfig.from_dict({"model": {**model, "make_vocab_size_divisible_by": 128},
+                                 "data": {"tokenizer_model": tokenizer_model}})
+    (chunk,) = build_model_chunks(cfg, load_tokenizer(tokenizer_model).vocab_size)
+    with torch.no_grad():  # so that a swapped norm weight shows in the logits
+        for name, parameter in chunk.named_parameters():
+            if "norm" in name:
+                parameter.normal_(1.0, 0.1)
+    save_checkpoint(save_dir, TrainingState(0, 0, cfg.to_dict()), [chunk], optimizer=None,
+                    scheduler=None)
+    return rank_logits(save_dir, tokens)
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_export(tmp_path_factory):
+    """A checkpoint whose ``--tokenizer-model`` is the bundled sentencepiece model, exported
+    with the tokenizer left to the checkpoint. Returns (exported dir, our tokenizer, the
+    sample text's tokens [1, s] (BOS first, as the data pipeline does), Megatron's logits
+    of them [1, s, v_padded])."""
+    from megatron_irl.data.tokenizer import SentencePieceTokenizer
+
+    root = tmp_path_factory.mktemp("sentencepiece")
+    mg_dir, out_dir = str(root / "mg"), str(root / "out")
+    tokenizer = SentencePieceTokenizer(SENTENCEPIECE_MODEL)
+    tokens = torch.tensor([[tokenizer.bos_id, *tokenizer.encode(SAMPLE_TEXT)]])
+    (logits,) = run_distributed(rank_save_model_and_logits, 1,
+                                args=(mg_dir, SENTENCEPIECE_MODEL, tokens))
+    convert_to_hf(mg_dir, out_dir)
+    return out_dir, tokenizer, tokens, logits
+
+
+def test_sentencepiece_export_loads_as_a_llama_tokenizer_with_our_ids(sentencepiece_export):
+    out_dir, tokenizer, tokens, _ = sentencepiece_export
+    assert {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"} <= \
+        set(os.listdir(out_dir))
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out_dir)
+    assert type(hf_tokenizer) is transformers.LlamaTokenizer
+    assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id,
+            hf_tokenizer.unk_token_id) == (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, 0)
+    assert hf_tokenizer(SAMPLE_TEXT)["input_ids"] == tokens[0].tolist()  # BOS added, no EOS
+    with open(os.path.join(REPO, "examples", "data", "valid.jsonl"), encoding="utf-8") as file:
+        records = [json.loads(line) for line in file]
+    for text in [record["prompt"] + record["response"] for record in records[:50]]:
+        assert hf_tokenizer.encode(text, add_special_tokens=False) == tokenizer.encode(text)
+    assert hf_tokenizer.decode(tokens[0], skip_special_tokens=True) == SAMPLE_TEXT
+
+
+def test_sentencepiece_export_config_has_the_piece_count_and_the_models_special_ids(
+        sentencepiece_export):
+    out_dir, tokenizer, _, _ = sentencepiece_export
+    with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as file:
+        config = json.load(file)
+    assert config["vocab_size"] == tokenizer.vocab_size == 320
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == \
+        (1, 2, 3) == (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+
+
+def test_sentencepiece_export_logits_match_megatron(sentencepiece_export):
+    out_dir, _, tokens, megatron = sentencepiece_export
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(
+        out_dir, output_loading_info=True)
+    assert type(model) is transformers.LlamaForCausalLM
+    assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == \
+        (set(), set(), set())
+    assert megatron.shape[-1] == 384
+    with torch.no_grad():
+        assert_logits_match(megatron, model.eval()(tokens).logits.float())
+
+
 # ------------------------------------------------------------------ tests: refusals
 
 

@@ -1,6 +1,6 @@
 """Export a megatron-irl checkpoint (any TP / PP) as a Hugging Face model directory.
 
-    python tools/convert_to_hf.py --load CKPT_DIR --output HF_DIR [--tokenizer TOK_DIR]
+    python tools/convert_to_hf.py --load CKPT_DIR --output HF_DIR [--tokenizer TOK_DIR_OR_MODEL]
 
 HF_DIR gets config.json, generation_config.json, the tokenizer files and safetensors
 weights (padded vocabulary rows removed), loadable with
@@ -25,8 +25,8 @@ def main(argv=None) -> int:
     parser.add_argument("--load", required=True, help="checkpoint directory (a run's --save)")
     parser.add_argument("--output", required=True, help="Hugging Face directory to write")
     parser.add_argument("--tokenizer", default=None,
-                        help="Hugging Face tokenizer directory; unset: the checkpoint's "
-                             "--tokenizer-model")
+                        help="Hugging Face tokenizer directory or sentencepiece .model file; "
+                             "unset: the checkpoint's --tokenizer-model")
     parser.add_argument("--family", choices=("llama", "mistral", "qwen2"), default=None,
                         help="architecture to write; unset: qwen2 if the model has q/k/v "
                              "biases, else llama")
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     from megatron_irl.training.checkpoint import CheckpointError
 
     try:
-        files = convert_to_hf(args.load, args.output, tokenizer_dir=args.tokenizer,
+        files = convert_to_hf(args.load, args.output, tokenizer=args.tokenizer,
                               family=args.family, vocab_size=args.vocab_size, dtype=args.dtype,
                               max_shard_bytes=int(args.max_shard_size_gb * 1024**3))
     except (ConversionError, CheckpointError, DataError) as error:

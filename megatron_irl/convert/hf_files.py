@@ -1,7 +1,8 @@
 """Files of a Hugging Face model directory: safetensors weights, config, tokenizer.
 
-Only safetensors and JSON are read (no pickle, no ``transformers``). Tensors are read one
-at a time from memory-mapped files, so a reader holds only the tensors it asked for.
+Only safetensors, JSON and sentencepiece models are read (no pickle, no ``transformers``).
+Tensors are read one at a time from memory-mapped files, so a reader holds only the
+tensors it asked for.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from megatron_irl.convert.families import ConversionError
 
 INDEX_FILENAME = "model.safetensors.index.json"
 SINGLE_FILENAME = "model.safetensors"
+SENTENCEPIECE_FILENAME = "tokenizer.model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                    "chat_template.jinja", "generation_config.json")
@@ -157,13 +159,61 @@ def special_token_ids(tokenizer_dir: str) -> dict:
 
 
 def _sentencepiece_ids(tokenizer_dir: str) -> dict:
-    import sentencepiece
-
-    path = os.path.join(tokenizer_dir, "tokenizer.model")
+    path = os.path.join(tokenizer_dir, SENTENCEPIECE_FILENAME)
     if not os.path.isfile(path):
         raise ConversionError(f"{tokenizer_dir}: no tokenizer.json or tokenizer.model (pass "
                               "--tokenizer with the model's tokenizer directory)")
-    model = sentencepiece.SentencePieceProcessor(model_file=path)
+    return sentencepiece_special_ids(path)
+
+
+def _load_sentencepiece(model_path: str):
+    import sentencepiece
+
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=model_path)
+    except (OSError, RuntimeError) as error:
+        raise ConversionError(f"{model_path}: not a loadable sentencepiece model: "
+                              f"{error}") from None
+
+
+def sentencepiece_special_ids(model_path: str) -> dict:
+    """bos/eos/pad token ids of a sentencepiece ``.model`` file, None when it defines none."""
+    model = _load_sentencepiece(model_path)
     ids = {"bos_token_id": model.bos_id(), "eos_token_id": model.eos_id(),
            "pad_token_id": model.pad_id()}
     return {key: (value if value >= 0 else None) for key, value in ids.items()}
+
+
+def write_sentencepiece_tokenizer(model_path: str, destination: str) -> list[str]:
+    """Ship a bare sentencepiece model as a Hugging Face tokenizer; returns the files written.
+
+    Writes ``tokenizer.model`` (a copy of ``model_path``), ``special_tokens_map.json`` and a
+    ``tokenizer_config.json`` with which ``transformers.AutoTokenizer`` loads a
+    ``LlamaTokenizer`` on the model, with the model's own unk/bos/eos/pad pieces (a special
+    token the model does not define is null), BOS added to every sequence when the model
+    defines one (as the trainer's data pipeline does) and no EOS.
+    """
+    model = _load_sentencepiece(model_path)
+
+    def piece(token_id: int):
+        return model.id_to_piece(token_id) if token_id >= 0 else None
+
+    special = {"bos_token": piece(model.bos_id()), "eos_token": piece(model.eos_id()),
+               "unk_token": piece(model.unk_id()), "pad_token": piece(model.pad_id())}
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        **special,
+        "add_bos_token": model.bos_id() >= 0,
+        "add_eos_token": False,
+        # sentencepiece's add_dummy_prefix: then a text's first piece starts with U+2581.
+        "add_prefix_space": model.encode("a", out_type=str)[0].startswith("\u2581"),
+        # legacy=False: the prefix space goes before the text only, not after each special
+        # or user-defined piece (such as the bundled models' "\n"), as sentencepiece does.
+        "legacy": False,
+        "clean_up_tokenization_spaces": False,
+    }
+    shutil.copyfile(model_path, os.path.join(destination, SENTENCEPIECE_FILENAME))
+    write_json(os.path.join(destination, "tokenizer_config.json"), config)
+    write_json(os.path.join(destination, "special_tokens_map.json"),
+               {key: value for key, value in special.items() if value is not None})
+    return [SENTENCEPIECE_FILENAME, "tokenizer_config.json", "special_tokens_map.json"]

@@ -26,8 +26,10 @@ from megatron_irl.convert.hf_files import (
     ShardWriter,
     copy_tokenizer_files,
     read_json,
+    sentencepiece_special_ids,
     special_token_ids,
     write_json,
+    write_sentencepiece_tokenizer,
 )
 from megatron_irl.convert.mapping import Dims, Rule, active_rules
 
@@ -102,7 +104,7 @@ class CheckpointReader:
                 for key, tensor in destinations.items()}
 
 
-def convert_to_hf(load_dir: str, output_dir: str, *, tokenizer_dir: str | None = None,
+def convert_to_hf(load_dir: str, output_dir: str, *, tokenizer: str | None = None,
                   family: str | None = None, vocab_size: int | None = None,
                   dtype: str | None = None,
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
@@ -110,12 +112,16 @@ def convert_to_hf(load_dir: str, output_dir: str, *, tokenizer_dir: str | None =
     safetensors shards of the latest checkpoint in ``load_dir``; returns the weight files.
 
     Args:
-        tokenizer_dir: a Hugging Face tokenizer directory; unset: the checkpoint's
-            ``--tokenizer-model`` when that is a directory.
+        tokenizer: a Hugging Face tokenizer directory or a sentencepiece ``.model`` file;
+            unset: the checkpoint's ``--tokenizer-model``. A directory's tokenizer files are
+            copied; a ``.model`` file is shipped with the Hugging Face files that load it
+            (see :func:`write_sentencepiece_tokenizer`), unless its directory has a
+            tokenizer_config.json (a model imported from Hugging Face), whose files are
+            copied instead.
         family: llama, mistral or qwen2; unset: qwen2 with q/k/v biases, else llama.
         vocab_size: rows kept of the padded vocabulary; unset: ``vocab_size`` of the
             tokenizer directory's hf_config.json (written by the import), else the
-            tokenizer's vocabulary size.
+            tokenizer's vocabulary size (a sentencepiece model's piece count).
         dtype: float32 or bfloat16; unset: the embedding's stored dtype (a bf16
             checkpoint keeps its norm weights in fp32; they are cast with the rest).
 
@@ -125,14 +131,10 @@ def convert_to_hf(load_dir: str, output_dir: str, *, tokenizer_dir: str | None =
     state = read_json(os.path.join(checkpoint, "training_state.json"))
     model = state["config"]["model"]
     padded_vocab = state["model_architecture"]["padded_vocab_size"]
-    tokenizer_dir = tokenizer_dir or state["config"]["data"].get("tokenizer_model")
-    if tokenizer_dir and os.path.isfile(tokenizer_dir):  # a sentencepiece tokenizer.model
-        tokenizer_dir = os.path.dirname(tokenizer_dir)
-    if not tokenizer_dir or not os.path.isdir(tokenizer_dir):
-        raise ConversionError(f"the checkpoint's tokenizer {tokenizer_dir!r} is not a Hugging "
-                              "Face tokenizer directory; pass --tokenizer DIR")
+    tokenizer = tokenizer or state["config"]["data"].get("tokenizer_model")
+    tokenizer_dir, sentencepiece_model = _tokenizer_source(tokenizer)
     chosen_family = families.family_of_model(model, family)
-    vocab_size = vocab_size or _source_vocab_size(tokenizer_dir)
+    vocab_size = vocab_size or _source_vocab_size(tokenizer_dir, sentencepiece_model)
     if vocab_size > padded_vocab:
         raise ConversionError(f"--vocab-size {vocab_size} exceeds the checkpoint's "
                               f"{padded_vocab} embedding rows")
@@ -164,23 +166,46 @@ def convert_to_hf(load_dir: str, output_dir: str, *, tokenizer_dir: str | None =
     emit([rule for rule in global_rules if not rule.megatron.startswith("embedding.")], None)
     files = writer.close()
 
-    special_ids = special_token_ids(tokenizer_dir)
+    special_ids = (sentencepiece_special_ids(sentencepiece_model) if sentencepiece_model
+                   else special_token_ids(tokenizer_dir))
     dtype_name = str(out_dtype).removeprefix("torch.")
     write_json(os.path.join(output_dir, "config.json"),
                families.hf_config(model, chosen_family, vocab_size, dtype_name, special_ids))
-    copy_tokenizer_files(tokenizer_dir, output_dir)
+    if sentencepiece_model:
+        write_sentencepiece_tokenizer(sentencepiece_model, output_dir)
+    else:
+        copy_tokenizer_files(tokenizer_dir, output_dir)
     if not os.path.isfile(os.path.join(output_dir, "generation_config.json")):
         write_json(os.path.join(output_dir, "generation_config.json"),
                    {key: value for key, value in special_ids.items() if value is not None})
     return files
 
 
-def _source_vocab_size(tokenizer_dir: str) -> int:
+def _tokenizer_source(tokenizer: str | None) -> tuple[str, str | None]:
+    """(directory, bare sentencepiece model or None) of ``--tokenizer`` / the checkpoint's
+    ``--tokenizer-model``: a directory -> (it, None); a file -> (its directory, None), except
+    a ``.model`` file whose directory has no Hugging Face tokenizer files to ship instead
+    (tokenizer_config.json, as an import copies it) -> (its directory, the file)."""
+    if tokenizer and os.path.isdir(tokenizer):
+        return tokenizer, None
+    if tokenizer and os.path.isfile(tokenizer):
+        directory = os.path.dirname(tokenizer) or "."
+        bare = (tokenizer.endswith(".model")
+                and not os.path.isfile(os.path.join(directory, "tokenizer_config.json")))
+        return directory, tokenizer if bare else None
+    if not tokenizer:
+        raise ConversionError("the checkpoint names no tokenizer; pass --tokenizer")
+    raise ConversionError(f"the tokenizer {tokenizer} does not exist (a relative path is taken "
+                          "from the current directory); pass --tokenizer with the tokenizer "
+                          "directory or sentencepiece .model file")
+
+
+def _source_vocab_size(tokenizer_dir: str, sentencepiece_model: str | None) -> int:
     """The imported model's vocab_size (hf_config.json), else the tokenizer's size."""
     copy = os.path.join(tokenizer_dir, HF_CONFIG_COPY)
     if os.path.isfile(copy):
         return read_json(copy)["vocab_size"]
     from megatron_irl.data.tokenizer import load_tokenizer
 
-    return load_tokenizer(tokenizer_dir).vocab_size
+    return load_tokenizer(sentencepiece_model or tokenizer_dir).vocab_size
 

@@ -29,8 +29,14 @@ def segment_texts(paths: list[str]) -> list[str]:
     return texts
 
 
-def train_tokenizer(paths: list[str], output_model: str, vocab_size: int) -> None:
-    """Write a sentencepiece model trained on `paths` to `output_model` (a .model path)."""
+def train_tokenizer(
+    paths: list[str], output_model: str, vocab_size: int, split_digits: bool = False
+) -> None:
+    """Write a sentencepiece model trained on `paths` to `output_model` (a .model path).
+
+    `split_digits`: every digit is a piece of its own (no multi-digit pieces), so numbers
+    are spelled digit by digit, as arithmetic tasks want.
+    """
     import sentencepiece
 
     if not output_model.endswith(".model"):
@@ -50,6 +56,9 @@ def train_tokenizer(paths: list[str], output_model: str, vocab_size: int) -> Non
         pad_id=3,
         num_threads=1,
         minloglevel=2,
+        # Only when asked: an option passed at its default is still written into the model's
+        # trainer spec, which would change the bytes of models made without it.
+        **({"split_digits": True} if split_digits else {}),
     )
     os.makedirs(os.path.dirname(os.path.abspath(output_model)), exist_ok=True)
     with open(output_model, "wb") as f:
@@ -63,8 +72,10 @@ def main():
     parser.add_argument("--input", nargs="+", required=True, help="SFT JSONL file(s)")
     parser.add_argument("--output", required=True, help="path of the .model file to write")
     parser.add_argument("--vocab-size", type=int, default=320)
+    parser.add_argument("--split-digits", action="store_true",
+                        help="make every digit a piece of its own (for arithmetic)")
     args = parser.parse_args()
-    train_tokenizer(args.input, args.output, args.vocab_size)
+    train_tokenizer(args.input, args.output, args.vocab_size, args.split_digits)
     print(f"wrote {args.output}")
 
 

@@ -1,4 +1,4 @@
-# Two entry points of the README's quickstart; each sets up the local virtual environment it needs.
+# The entry points of the README's quickstart; each sets up the local virtual environment it needs.
 # TORCH_SPEC pins the CPU wheel that lies on this kind of machine; on a GPU machine set it to the
 # CUDA build you want (e.g. `make test TORCH_SPEC=torch`).
 PYTHON ?= python3
@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: train-tiny test
+.PHONY: demo train-tiny test
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
+
+# The reduced arithmetic experiment (docs/results.md): pre-train, fine-tune with MLE and with
+# IQ-Learn, evaluate, print the table, plot, export to Hugging Face format (runs/arithmetic_reduced).
+demo: $(VENV)/.installed
+	OMP_NUM_THREADS=2 $(PY) tools/run_experiment.py --config examples/arithmetic/experiment.yaml --reduced
 
 train-tiny: $(VENV)/.installed
 	$(VENV)/bin/megatron-irl train --config examples/tiny.yaml

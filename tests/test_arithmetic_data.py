@@ -81,8 +81,8 @@ def test_a_typical_prompt_has_several_distinct_valid_solutions(small):
             assert gen.check_response(prompt, response, str(problem.answer)) == []
         step_orders = {tuple(gen.solution_steps(problem, random.Random(k))) for k in range(40)}
         counts.append((len(solutions), len(step_orders)))
-    assert statistics.median(c[0] for c in counts) >= 10
-    assert sum(c[1] >= 2 for c in counts) >= 10  # most problems: several orders of steps
+    assert statistics.median(c[0] for c in counts) >= 15  # of 40 draws
+    assert all(c[1] >= 2 for c in counts)  # every problem: several orders of steps
 
 
 def test_bundled_files_equal_a_fresh_generation():
@@ -108,11 +108,11 @@ def test_bundled_tokenizer_splits_digits_and_fits_documents_in_128_positions():
     for split in ("train", "valid", "test"):
         ds = SFTDataset(os.path.join(DATA, f"{split}.jsonl"), tokenizer, seq_length=128)
         assert ds.report.problem_counts == {}, split  # nothing truncated or dropped
-    lengths = [len(tokenizer.encode(json.loads(line)["response"])) for line in read_lines("test")]
-    assert max(lengths) <= 80
+        records = [json.loads(line) for line in read_lines(split)]
+        assert max(len(tokenizer.encode(r["response"])) for r in records) <= 60, split
 
 
-def test_pretraining_documents_are_trained_on_their_whole_text():
+def test_bundled_pretraining_documents_are_trained_on_their_whole_text():
     tokenizer = load_tokenizer(os.path.join(DATA, "tokenizer.model"))
     ds = SFTDataset(os.path.join(DATA, "pretrain.jsonl"), tokenizer, seq_length=128)
     report = ds.report

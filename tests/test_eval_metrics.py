@@ -16,6 +16,7 @@ from megatron_irl.evaluation.metrics import (
     self_bleu,
     spearman,
 )
+from megatron_irl.evaluation.report import score_setting
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -138,6 +139,18 @@ def test_mean_self_bleu_averages_over_prompts():
 
 def test_distinct_fraction_counts_distinct_strings():
     assert distinct_fraction(["a", "b", "a", "c"]) == 0.75
+
+
+def _sample(line: int, response: str, answer: str) -> dict:
+    return {"line": line, "response": response, "reference": "", "answer": answer,
+            "entropy": 0.0, "num_tokens": 1}
+
+
+def test_distinct_correct_counts_distinct_right_responses_per_prompt_including_none():
+    samples = [_sample(1, "a #### 3", "3"), _sample(1, "b #### 3", "3"),
+               _sample(1, "a #### 3", "3"), _sample(1, "c #### 4", "3"),  # 2 distinct right
+               _sample(2, "d #### 5", "6"), _sample(2, "e #### 1", "6")]  # none right
+    assert score_setting(samples)["distinct_correct"] == 1.0
 
 
 # --- statistics ----------------------------------------------------------------------------------

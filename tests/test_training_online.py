@@ -85,15 +85,15 @@ def test_online_trains_under_pp2_and_logs_the_mixture(tmp_path):
 
 @pytest.fixture(scope="module")
 def gail_runs(tmp_path_factory) -> dict[str, list[dict]]:
-    """GAIL at PP=2 for 5 steps, and the same run stopped after step 3 (mid sampling interval:
-    its samples come from step 2) and resumed."""
+    """GAIL at PP=2 for 5 steps, saving after step 3 (mid sampling interval: its samples come
+    from step 2), and the same run resumed from that checkpoint."""
     tmp = tmp_path_factory.mktemp("gail")
     run = [*PP2, *GAIL, "--train-iters", "5"]
-    return {
-        "whole": run_train(tmp, 2, *run, name="whole"),
-        "first": run_train(tmp, 2, *run, "--exit-interval", "3", name="first", save=True),
-        "resumed": run_train(tmp, 2, *run, "--load", str(tmp / "first_ckpt"), name="resumed"),
-    }
+    whole = run_train(tmp, 2, *run, "--save-interval", "3", name="whole", save=True)
+    # Point the tracker back at step 3, as a user picks an older checkpoint to resume from.
+    (tmp / "whole_ckpt" / "latest_checkpointed_iteration.txt").write_text("3\n")
+    return {"whole": whole,
+            "resumed": run_train(tmp, 2, *run, "--load", str(tmp / "whole_ckpt"), name="resumed")}
 
 
 def test_gail_trains_under_pp2_and_logs_its_metrics(gail_runs):

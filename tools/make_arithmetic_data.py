@@ -5,9 +5,10 @@ A problem is a short story about one person's items: a start (a count, or groups
 "3 bags of 4 apples") and two or three events (buying or getting more, possibly in groups;
 giving away, losing or selling some). The answer is the count at the end. A worked solution
 is a list of two or three steps, one equation "X op Y = Z" each (op: +, -, x), then a
-GSM8k-style final line "#### <answer>". Many solutions are valid for one problem: the terms may be added in any
-order with all losses after the gains or in story order, the products computed first or
-when needed, losses subtracted one by one or pooled, and every step has several phrasings.
+GSM8k-style final line "#### <answer>". Many solutions are valid for one problem: the terms
+may be added in story order or with the gains first in any order (then the losses), the
+products computed first or when needed, two losses subtracted one by one or pooled, and
+every step has three phrasings.
 Each record's response is ONE valid solution drawn at random, so the data itself holds
 many valid outputs per prompt.
 
@@ -16,11 +17,15 @@ Files written to --output-dir (records are JSONL the trainer's loader reads):
   " <steps>\\n#### <n>", "answer": "<n>"}; "answer" is the gold final answer (training
   ignores it). The splits hold disjoint problems (compared by their numbers and kinds of
   terms, not by names or wording).
-- pretrain.jsonl: {"prompt": "", "response": <document>}: the whole text is trained on.
-  Documents are arithmetic facts ("7 x 8 = 56."), short statements, and stories worked
-  step by step in prose (no "Q:" / "####" format). Their problems are disjoint from all
-  SFT splits.
-- tokenizer.model (trained separately, below).
+- pretrain.jsonl: {"prompt": "", "response": <document>}: the whole text is trained on
+  (an empty prompt is a context of BOS alone). Half the documents are stories worked step
+  by step in prose (no "Q:" / "####" format; their problems are disjoint from all SFT
+  splits), the rest arithmetic facts ("4 x 5 = 20. 20 + 7 = 27.", drawn from solution
+  steps) and short statements, 2:1.
+- tokenizer.model (trained separately, below): 320 sentencepiece BPE pieces, every digit a
+  piece of its own. With it the default files have prompts of at most 47 tokens, responses
+  of at most 51 (about 39 on average) and pre-training documents of at most 90, so every
+  document fits 128 positions and `megatron-irl eval --max-new-tokens 64` fits every prompt.
 
 The output depends only on --seed and the sizes. The bundled files in examples/arithmetic
 were made, byte for byte, by
@@ -276,7 +281,7 @@ def story_document(problem: Problem, rng: random.Random) -> str:
         out = []
         for i, sentence in enumerate(sentences):
             steps = ordered_steps(list(problem.terms[: i + 1]), [], False)
-            done = len(ordered_steps(list(problem.terms[:i]), [], False)) if i else 0
+            done = len(ordered_steps(list(problem.terms[:i]), [], False))
             out.append(" ".join([sentence] + [prose[role].format(x=x, y=y, z=z, **f)
                                               for role, x, y, z in steps[done:]]))
     else:
@@ -337,13 +342,21 @@ def pretrain_documents(problems: list[Problem], num_documents: int,
 
 
 def unique_problems(rng: random.Random, count: int, taken: dict) -> list[Problem]:
-    """`count` problems whose keys are not in `taken` (mutated: their keys are added)."""
+    """`count` problems whose keys are not in `taken` (mutated: their keys are added).
+
+    There are about 35,000 distinct problems; asking for nearly all of them fails.
+    """
     out = []
-    while len(out) < count:
+    for _ in range(100 * count):
+        if len(out) == count:
+            break
         problem = random_problem(rng)
         if problem.key not in taken:
             taken[problem.key] = True
             out.append(problem)
+    if len(out) < count:
+        raise ValueError(f"found only {len(out)} of {count} new distinct problems; "
+                         "lower --num-train/--num-valid/--num-test/--num-pretrain")
     return out
 
 
@@ -364,8 +377,7 @@ def make_dataset(seed: int, sizes: dict) -> tuple[dict, dict]:
 
 def write_jsonl(path: str, records: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 def main():

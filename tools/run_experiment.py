@@ -9,13 +9,15 @@ Steps, each skipped when its output already exists (re-running resumes an experi
   2. fine-tune every method with every seed from that checkpoint (``--finetune``: the
      same initial weights, the same data, the same number of steps; the seed sets the data
      order and dropout);
-  3. ``megatron-irl eval`` each fine-tuned model (accuracy, Self-BLEU, distinct answers,
-     entropy at each temperature) and ``megatron-irl rewards`` on its samples (Spearman
+  3. ``megatron-irl eval`` each fine-tuned model (accuracy, Self-BLEU, distinct correct
+     responses per prompt, entropy at each temperature) and ``megatron-irl rewards`` on its samples (Spearman
      correlation of the extracted return with correctness);
   4. write ``results.md`` (mean +- standard error over seeds) and ``tradeoff.png`` to the
      output directory, and export the first method's first seed to Hugging Face format.
 ``--reduced`` uses the file's ``reduced`` section (fewer methods, seeds and prompts): the
-README's demo. Every command runs as a subprocess with its log under the output directory.
+README's demo. Every command runs as a subprocess with its log under the output directory;
+``--jobs N`` runs N (method, seed) runs at once, each with OMP_NUM_THREADS = cores / N (on
+small models several one-thread runs use the cores better than one multi-threaded run).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import yaml
 
@@ -35,21 +38,24 @@ sys.path.insert(0, REPO)
 from megatron_irl.evaluation.metrics import mean_and_stderr  # noqa: E402
 from megatron_irl.evaluation.plots import TradeoffPoint, plot_score_vs_self_bleu  # noqa: E402
 
-METRICS = ("exact_match", "self_bleu", "distinct", "entropy")
+METRICS = ("exact_match", "self_bleu", "distinct_correct", "entropy")
 
 
-def _run(command: list[str], log_path: str) -> None:
-    """Run one step; its output goes to ``log_path``; a failure stops the experiment."""
+def _run(command: list[str], log_path: str, threads: int | None = None) -> None:
+    """Run one step; its output goes to ``log_path``; a failure stops the experiment.
+    ``threads``: the step's OMP_NUM_THREADS (default: inherited)."""
     started = time.monotonic()
     print(f"$ {' '.join(command)}", flush=True)
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     with open(log_path, "w", encoding="utf-8") as log:
-        result = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        result = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     if result.returncode != 0:
         with open(log_path, encoding="utf-8") as log:
             tail = log.read()[-3000:]
         raise SystemExit(f"step failed (exit {result.returncode}), log {log_path}:\n{tail}")
-    print(f"  done in {time.monotonic() - started:.0f} s", flush=True)
+    print(f"  done in {time.monotonic() - started:.0f} s: {log_path}", flush=True)
 
 
 def _megatron_irl(command: str, *args: str) -> list[str]:
@@ -63,19 +69,26 @@ def _finished(checkpoint_dir: str) -> bool:
 def _plan(config: dict, reduced: bool) -> dict:
     """The experiment's settings, with the ``reduced`` section applied."""
     plan = {key: config[key] for key in ("pretrain", "finetune", "methods", "seeds", "eval")}
+    # YAML reads numbers as numbers; command lines want strings.
+    plan["methods"] = {name: [str(flag) for flag in flags]
+                       for name, flags in plan["methods"].items()}
     if reduced:
         section = config.get("reduced", {})
+        unknown = set(section.get("methods", [])) - set(plan["methods"])
+        if unknown:
+            raise SystemExit(f"reduced.methods: {sorted(unknown)} not in the methods section "
+                             f"{sorted(plan['methods'])}")
         plan["methods"] = {name: plan["methods"][name]
                            for name in section.get("methods", plan["methods"])}
         plan["seeds"] = section.get("seeds", plan["seeds"])
         plan["eval"] = {**plan["eval"], **section.get("eval", {})}
-        plan["pretrain_flags"] = section.get("pretrain_flags", [])
-        plan["finetune_flags"] = section.get("finetune_flags", [])
+        plan["pretrain_flags"] = [str(flag) for flag in section.get("pretrain_flags", [])]
+        plan["finetune_flags"] = [str(flag) for flag in section.get("finetune_flags", [])]
     return plan
 
 
-def _fine_tune_and_evaluate(plan: dict, out: str, pretrained: str, method: str, flags: list,
-                            seed: int) -> dict:
+def _fine_tune_and_evaluate(plan: dict, out: str, pretrained: str, threads: int | None,
+                            method: str, flags: list, seed: int) -> dict:
     """One (method, seed) run: its eval report, rewards summary and final validation NLL."""
     run_dir = os.path.join(out, method.replace(" ", "_"), f"seed{seed}")
     checkpoints = os.path.join(run_dir, "checkpoints")
@@ -88,9 +101,8 @@ def _fine_tune_and_evaluate(plan: dict, out: str, pretrained: str, method: str, 
                            "--finetune", "--seed", str(seed), "--data-seed", str(seed),
                            "--save", checkpoints, "--metrics-file", metrics_file,
                            "--tensorboard-dir", os.path.join(run_dir, "tensorboard"),
-                           "--progress-bar", "off", *plan.get("finetune_flags", []),
-                           *map(str, flags)),
-             os.path.join(run_dir, "train.log"))
+                           "--progress-bar", "off", *plan.get("finetune_flags", []), *flags),
+             os.path.join(run_dir, "train.log"), threads)
     ev = plan["eval"]
     eval_dir = os.path.join(run_dir, "eval")
     if not os.path.exists(os.path.join(eval_dir, "report.json")):
@@ -100,13 +112,13 @@ def _fine_tune_and_evaluate(plan: dict, out: str, pretrained: str, method: str, 
                            "--max-new-tokens", str(ev["max_new_tokens"]),
                            "--seed", str(seed), "--output-dir", eval_dir,
                            "--progress-bar", "off"),
-             os.path.join(run_dir, "eval.log"))
+             os.path.join(run_dir, "eval.log"), threads)
     rewards = os.path.join(run_dir, "rewards.jsonl")
     if not os.path.exists(os.path.join(run_dir, "rewards.summary.json")):
         _run(_megatron_irl("rewards", "--load", checkpoints, "--data",
                            os.path.join(eval_dir, "samples.jsonl"), "--output", rewards,
                            "--progress-bar", "off"),
-             os.path.join(run_dir, "rewards.log"))
+             os.path.join(run_dir, "rewards.log"), threads)
     with open(os.path.join(eval_dir, "report.json"), encoding="utf-8") as file:
         report = json.load(file)
     with open(os.path.join(run_dir, "rewards.summary.json"), encoding="utf-8") as file:
@@ -127,8 +139,8 @@ def _cell(values: list) -> str:
 
 def _results_table(results: dict, temperatures: list) -> tuple[str, list[TradeoffPoint]]:
     """Markdown table (mean ± standard error over seeds) and the per-method trade-off points."""
-    header = ("| method | T | accuracy | Self-BLEU | distinct | entropy | Spearman(return, "
-              "correct) | valid NLL |\n|---|---|---|---|---|---|---|---|")
+    header = ("| method | T | accuracy | Self-BLEU | distinct correct | entropy | "
+              "Spearman(return, correct) | valid NLL |\n|---|---|---|---|---|---|---|---|")
     rows, points = [header], []
     for method, runs in results.items():
         for temperature in temperatures:
@@ -153,7 +165,11 @@ def main(argv=None) -> int:
     parser.add_argument("--config", required=True, help="experiment YAML")
     parser.add_argument("--output-dir", default=None, help="default: the file's output_dir")
     parser.add_argument("--reduced", action="store_true", help="the quick demo version")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="(method, seed) runs at once, each with cores/jobs threads")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
     with open(args.config, encoding="utf-8") as file:
         config = yaml.safe_load(file)
     plan = _plan(config, args.reduced)
@@ -167,9 +183,15 @@ def main(argv=None) -> int:
         _run(_megatron_irl("train", "--config", plan["pretrain"], "--save", pretrained,
                            "--progress-bar", "off", *plan.get("pretrain_flags", [])),
              os.path.join(out, "pretrain", "train.log"))
-    results = {method: [_fine_tune_and_evaluate(plan, out, pretrained, method, flags, seed)
-                        for seed in plan["seeds"]]
-               for method, flags in plan["methods"].items()}
+    runs = [(method, flags, seed) for method, flags in plan["methods"].items()
+            for seed in plan["seeds"]]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    with ThreadPoolExecutor(args.jobs) as pool:
+        outcomes = pool.map(lambda run: _fine_tune_and_evaluate(plan, out, pretrained, threads,
+                                                                *run), runs)
+        results = {}
+        for (method, _, _), outcome in zip(runs, outcomes):
+            results.setdefault(method, []).append(outcome)
 
     table, points = _results_table(results, plan["eval"]["temperatures"])
     ev = plan["eval"]

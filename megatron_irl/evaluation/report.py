@@ -41,6 +41,8 @@ def score_setting(samples: list[dict], answer_pattern: str | None = None) -> dic
     - rouge1/rouge2/rougeLsum, bleu, chrf: the samples against their references;
     - self_bleu: PAPER.md's Self-BLEU averaged over prompts (None with one sample each);
     - distinct: distinct responses / samples per prompt, averaged over prompts;
+    - distinct_correct: the number of distinct correct responses per prompt, averaged over
+      prompts with a gold answer (None when none has): diversity among valid answers;
     - entropy: the policy's mean per-token entropy over all generated tokens (nats);
     - mean_tokens: mean response length in tokens.
     """
@@ -51,6 +53,10 @@ def score_setting(samples: list[dict], answer_pattern: str | None = None) -> dic
     for sample in samples:
         by_prompt[sample["line"]].append(sample["response"])
     groups = list(by_prompt.values())
+    correct_by_prompt = {sample["line"]: set() for sample in answered}
+    for sample in answered:
+        if metrics.exact_match([sample["response"]], [sample["answer"]], answer_pattern):
+            correct_by_prompt[sample["line"]].add(sample["response"])
     tokens = sum(s["num_tokens"] for s in samples)
     result = {
         "exact_match": (metrics.exact_match([s["response"] for s in answered],
@@ -62,6 +68,8 @@ def score_setting(samples: list[dict], answer_pattern: str | None = None) -> dic
         "self_bleu": (metrics.mean_self_bleu(groups)
                       if min(len(g) for g in groups) >= 2 else None),
         "distinct": sum(metrics.distinct_fraction(g) for g in groups) / len(groups),
+        "distinct_correct": (sum(map(len, correct_by_prompt.values())) / len(correct_by_prompt)
+                             if answered else None),
         "entropy": sum(s["entropy"] * s["num_tokens"] for s in samples) / max(tokens, 1),
         "mean_tokens": tokens / len(samples),
     }
@@ -76,14 +84,15 @@ def task_score_name(settings: list[dict]) -> str:
 
 def format_table(settings: list[dict]) -> str:
     """The report's settings as an aligned text table."""
-    columns = ["exact_match", "rouge1", "bleu", "chrf", "self_bleu", "distinct", "entropy",
-               "mean_tokens"]
-    header = f"{'setting':<10}" + "".join(f"{name:>12}" for name in columns)
+    columns = ["exact_match", "rouge1", "bleu", "chrf", "self_bleu", "distinct",
+               "distinct_correct", "entropy", "mean_tokens"]
+    widths = [max(12, len(name) + 2) for name in columns]
+    header = f"{'setting':<10}" + "".join(f"{name:>{w}}" for name, w in zip(columns, widths))
     lines = [header]
     for setting in settings:
         values = setting["metrics"]
-        cells = "".join(f"{'-':>12}" if values[name] is None else f"{values[name]:>12.3f}"
-                        for name in columns)
+        cells = "".join(f"{'-':>{w}}" if values[name] is None else f"{values[name]:>{w}.3f}"
+                        for name, w in zip(columns, widths))
         lines.append(f"{setting['name']:<10}{cells}")
     return "\n".join(lines)
 

@@ -244,6 +244,47 @@ def test_tensor_parallel_matches_unfused(tp):
             assert_same(unfused, fused, BF16_RTOL if bf16 else FP32_RTOL, f"TP={tp} {kwargs}")
 
 
+def _sequence_parallel_gradients(inputs: Inputs):
+    """On a worker (TP = 2): this rank's sequence shard ``[s/tp, b, h]`` through the output
+    layer + loss, unfused as Megatron's ColumnParallelLinear does under sequence parallelism
+    (all-gather, reduce-scatter in backward) and fused as ``HiddenStatesGPTModel`` does
+    (all-gather whose backward splits the gradient the fused loss already summed over TP).
+    Returns (unfused, fused) gradients w.r.t. the shard."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    rank, size = group.rank(), group.size()
+    weight = _tp_shard(inputs.weight, group)
+    sequence_major = inputs.hidden.transpose(0, 1)  # [s, b, h]
+    shard_length = sequence_major.size(0) // size
+    per_token = (inputs.labels, inputs.loss_mask, inputs.terminal)
+    options = dict(lam=0.5, gamma=0.9, tp_group=group)
+    grads = []
+    for fused in (False, True):
+        shard = sequence_major[rank * shard_length:(rank + 1) * shard_length].clone()
+        shard.requires_grad_()
+        hidden = gather_from_sequence_parallel_region(
+            shard, tensor_parallel_output_grad=not fused, group=group).transpose(0, 1)
+        if fused:
+            loss_sum, _ = fused_output_soft_q_loss_sum(hidden, weight, *per_token,
+                                                       chunk_size=5, **options)
+        else:
+            loss_sum = vocab_parallel_soft_q_loss(hidden @ weight.t(), *per_token,
+                                                  **options).loss.sum()
+        (inputs.upstream * loss_sum).backward()
+        grads.append(shard.grad)
+    return grads
+
+
+def test_sequence_parallel_layout_gives_the_unfused_gradient_of_each_sequence_shard():
+    inputs = make_inputs(3, 8, seed=11)  # 8 positions: 4 per rank
+    for unfused, fused in run_distributed(_sequence_parallel_gradients, 2, tp=2,
+                                          args=(inputs,)):
+        torch.testing.assert_close(fused, unfused, rtol=FP32_RTOL,
+                                   atol=FP32_RTOL * unfused.abs().max().item())
+
+
 # ------------------------------------------------------------------ training end to end
 
 

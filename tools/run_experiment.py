@@ -10,14 +10,13 @@ Steps, each skipped when its output already exists (re-running resumes an experi
      same initial weights, the same data, the same number of steps; the seed sets the data
      order and dropout);
   3. ``megatron-irl eval`` each fine-tuned model (accuracy, Self-BLEU, distinct correct
-     responses per prompt, entropy at each temperature) and ``megatron-irl rewards`` on its samples (Spearman
-     correlation of the extracted return with correctness);
+     responses per prompt, entropy at each temperature) and ``megatron-irl rewards`` on its
+     samples (Spearman correlation of the extracted return with correctness);
   4. write ``results.md`` (mean +- standard error over seeds) and ``tradeoff.png`` to the
      output directory, and export the first method's first seed to Hugging Face format.
 ``--reduced`` uses the file's ``reduced`` section (fewer methods, seeds and prompts): the
 README's demo. Every command runs as a subprocess with its log under the output directory;
-``--jobs N`` runs N (method, seed) runs at once, each with OMP_NUM_THREADS = cores / N (on
-small models several one-thread runs use the cores better than one multi-threaded run).
+``--jobs N`` runs N (method, seed) runs at once, each with OMP_NUM_THREADS = cores / N.
 """
 
 from __future__ import annotations

@@ -65,12 +65,15 @@ def _finished(checkpoint_dir: str) -> bool:
     return os.path.exists(os.path.join(checkpoint_dir, "latest_checkpointed_iteration.txt"))
 
 
+def _arguments(flags: list) -> list[str]:
+    """A YAML list of flags as command-line arguments (YAML reads numbers as numbers)."""
+    return [str(flag) for flag in flags]
+
+
 def _plan(config: dict, reduced: bool) -> dict:
     """The experiment's settings, with the ``reduced`` section applied."""
     plan = {key: config[key] for key in ("pretrain", "finetune", "methods", "seeds", "eval")}
-    # YAML reads numbers as numbers; command lines want strings.
-    plan["methods"] = {name: [str(flag) for flag in flags]
-                       for name, flags in plan["methods"].items()}
+    plan["methods"] = {name: _arguments(flags) for name, flags in plan["methods"].items()}
     if reduced:
         section = config.get("reduced", {})
         unknown = set(section.get("methods", [])) - set(plan["methods"])
@@ -81,8 +84,8 @@ def _plan(config: dict, reduced: bool) -> dict:
                            for name in section.get("methods", plan["methods"])}
         plan["seeds"] = section.get("seeds", plan["seeds"])
         plan["eval"] = {**plan["eval"], **section.get("eval", {})}
-        plan["pretrain_flags"] = [str(flag) for flag in section.get("pretrain_flags", [])]
-        plan["finetune_flags"] = [str(flag) for flag in section.get("finetune_flags", [])]
+        plan["pretrain_flags"] = _arguments(section.get("pretrain_flags", []))
+        plan["finetune_flags"] = _arguments(section.get("finetune_flags", []))
     return plan
 
 

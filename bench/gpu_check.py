@@ -86,7 +86,7 @@ def part_env(args) -> dict:
 
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "megatron_core": megatron.core.__version__,
-            "device": "cpu", "transformer_engine": transformer_engine_problem(fp8=True)}
+            "device": "cpu", "transformer_engine": transformer_engine_problem(fp8_recipe="delayed")}
     try:
         import triton
         info["triton"] = triton.__version__
@@ -213,7 +213,7 @@ def part_train(args, precision: str) -> dict:
 
     flags = list(MODEL_FLAGS[args.smoke]) + ["--bf16"]
     if precision == "fp8":
-        problem = transformer_engine_problem(fp8=True)
+        problem = transformer_engine_problem(fp8_recipe="delayed")
         if problem:
             return {"skipped": problem}
         flags += ["--fp8-format", "hybrid"]

@@ -12,7 +12,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_irl.config import ParallelConfig
-from megatron_irl.platform import enable_cpu_support
+from megatron_irl.platform import device_problem, enable_cpu_support
 
 
 def launch_environment(env=os.environ) -> tuple[int, int, int]:
@@ -24,12 +24,21 @@ def launch_environment(env=os.environ) -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def init_distributed(parallel: ParallelConfig, seed: int) -> None:
+class DeviceError(RuntimeError):
+    """The run cannot use the device it asked for (``--device``, or the launch's GPUs)."""
+
+
+def init_distributed(parallel: ParallelConfig, seed: int, device: str = "auto") -> None:
     """Join the default process group (NCCL on GPUs, gloo on CPUs) and Megatron's groups.
 
     MASTER_ADDR / MASTER_PORT come from the launcher (torchrun, or the Slurm batch script);
-    a single process needs neither.
+    a single process needs neither. ``device`` is --device: a launch that asked for GPUs
+    (``platform.requested_gpus``) where CUDA is missing raises DeviceError rather than
+    falling back to the CPU.
     """
+    problem = device_problem(device, os.environ, torch.cuda.is_available())
+    if problem:
+        raise DeviceError(problem)
     rank, world_size, local_rank = launch_environment()
     if torch.cuda.is_available():
         # Modulo: tasks bound to one GPU each see it as device 0.

@@ -196,7 +196,7 @@ def _restore(cfg: TrainConfig, trainable: Trainable, log: TrainingLogger) -> Tra
 def train(cfg: TrainConfig) -> TrainingState:
     """Run (or resume) the training job described by ``cfg``; returns the final state."""
     install_stop_handlers()  # idempotent; ``megatron_irl.train`` installs them earlier still
-    init_distributed(cfg.parallel, cfg.training.seed)
+    init_distributed(cfg.parallel, cfg.training.seed, cfg.training.device)
     try:
         with TrainingLogger(cfg.logging, cfg.training.train_iters, is_logging_rank()) as log:
             tokenizer, train_batches, eval_batches = _setup_data(cfg, log)

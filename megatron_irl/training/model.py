@@ -51,8 +51,11 @@ def transformer_config(cfg: TrainConfig) -> TransformerConfig:
     if training.fp8_format is not None:
         fp8 = dict(
             fp8=training.fp8_format,
+            fp8_recipe=training.fp8_recipe,
             fp8_amax_history_len=training.fp8_amax_history_len,
             fp8_amax_compute_algo=training.fp8_amax_compute_algo,
+            # Megatron-LM's --fp8-param-gather: TE creates the GEMM weights in FP8.
+            fp8_param=training.fp8_param_gather,
         )
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -91,11 +94,36 @@ def transformer_config(cfg: TrainConfig) -> TransformerConfig:
         recompute_num_layers=training.recompute_num_layers,
         # CPU runs need CPU-side init; on GPU Megatron initialises each shard on its device.
         use_cpu_initialization=not on_gpu,
-        # Fusions need CUDA kernels (TE/Apex); the block-causal mask rules out the causal one.
-        masked_softmax_fusion=False,
-        bias_activation_fusion=False,
-        gradient_accumulation_fusion=False,
+        **fusion_settings(on_gpu, uses_transformer_engine(cfg), apex_weight_grad_fusion(),
+                          fusable_activation=model.swiglu or model.add_bias_linear),
         **fp8,
+    )
+
+
+def apex_weight_grad_fusion() -> bool:
+    """Whether Apex's fused weight-gradient kernel (``fused_weight_gradient_mlp_cuda``)
+    imports; Megatron's local linear layers need it for gradient accumulation fusion."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def fusion_settings(on_gpu: bool, transformer_engine: bool, apex_weight_grad: bool, *,
+                    fusable_activation: bool) -> dict:
+    """Megatron-LM's fusion defaults where their kernels exist, off on CPUs.
+
+    The softmax and bias-activation fusions are CUDA kernels (Megatron's own, TE's or a
+    fused torch one); the bias-activation one needs SwiGLU or a bias (Megatron-LM turns it
+    off for a bias-free GeLU MLP, which has nothing to fuse). Gradient accumulation fusion
+    writes weight gradients straight into the fp32 main-grad buffers with TE's GEMMs, or
+    Apex's kernel for the local layers.
+    """
+    return dict(
+        masked_softmax_fusion=on_gpu,
+        bias_activation_fusion=on_gpu and fusable_activation,
+        gradient_accumulation_fusion=on_gpu and (transformer_engine or apex_weight_grad),
     )
 
 
@@ -150,8 +178,32 @@ class HiddenStatesGPTModel(GPTModel):
         return HiddenStatesAndWeight(hidden_states.transpose(0, 1).contiguous(), weight)
 
 
-def build_model_chunks(cfg: TrainConfig, vocab_size: int) -> list[GPTModel]:
-    """This rank's model: one GPTModel per virtual pipeline stage (one without interleaving)."""
+def target_device() -> torch.device:
+    """Where this rank's model lives: its GPU (set by ``init_distributed``), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def place_model(chunk: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move every parameter and buffer of ``chunk`` to ``device`` and, with --bf16 / --fp16,
+    cast the floating-point ones to ``dtype`` (in place).
+
+    What Megatron-LM's ``get_model`` does with ``.cuda()`` and ``Float16Module``: layers that
+    Megatron builds through plain torch (the local spec's ``WrappedTorchNorm``) take neither
+    the device nor ``params_dtype``.
+    """
+    chunk.to(device=device)
+    if dtype != torch.float32:
+        chunk.to(dtype=dtype)
+
+
+def build_model_chunks(cfg: TrainConfig, vocab_size: int,
+                       device: torch.device | None = None) -> list[GPTModel]:
+    """This rank's model: one GPTModel per virtual pipeline stage (one without interleaving),
+    every parameter and buffer on ``device`` (default: ``target_device()``) in the dtype of
+    --bf16 / --fp16 (float32 otherwise)."""
+    device = device or target_device()
     config = transformer_config(cfg)
     spec = layer_spec(cfg)
     padded = padded_vocab_size(
@@ -175,6 +227,7 @@ def build_model_chunks(cfg: TrainConfig, vocab_size: int) -> list[GPTModel]:
             rotary_base=cfg.model.rotary_base,
             vp_stage=vp,
         ))
+        place_model(chunks[-1], device, config.params_dtype)
     return chunks
 
 

@@ -1,0 +1,126 @@
+"""The GPU path's decisions, taken on this CPU machine: device requests, fusions, FP8 recipes.
+
+Each is a pure function of what a GPU node would report (CUDA present, compute capability,
+Transformer Engine's version, the launch environment), so the tests pass those values in as
+a cluster would produce them. No processes, no Megatron.
+"""
+
+import pytest
+
+from megatron_irl.arguments import parse_train_config
+from megatron_irl.config import ConfigError, ParallelConfig, TrainConfig, TrainingConfig
+from megatron_irl.platform import device_problem, fp8_recipe_problem, requested_gpus
+from megatron_irl.training.distributed import DeviceError, init_distributed
+from megatron_irl.training.model import fusion_settings
+
+HOPPER, ADA, BLACKWELL = (9, 0), (8, 9), (10, 0)
+
+
+# --- no silent CPU fallback -------------------------------------------------------------------
+
+@pytest.mark.parametrize("env", [
+    {"SLURM_GPUS_ON_NODE": "8"},  # sbatch --gpus-per-node=8
+    {"SLURM_JOB_GPUS": "0,1,2,3"},  # --gres=gpu:4
+    {"SLURM_STEP_GPUS": "0"},
+    {"CUDA_VISIBLE_DEVICES": "0"},  # a launcher or container runtime giving GPU 0
+])
+def test_a_launch_that_asked_for_gpus_stops_when_cuda_is_missing(env):
+    problem = device_problem("auto", env, cuda_available=False)
+    assert problem is not None and "asked for GPUs" in problem
+    assert next(iter(env)) in problem and "--device cpu" in problem
+
+
+@pytest.mark.parametrize("env", [
+    {}, {"SLURM_GPUS_ON_NODE": "0"}, {"CUDA_VISIBLE_DEVICES": ""},
+    {"CUDA_VISIBLE_DEVICES": "NoDevFiles"}, {"CUDA_VISIBLE_DEVICES": "-1"},
+])
+def test_a_launch_without_gpus_runs_on_the_cpu(env):
+    assert requested_gpus(env) is None
+    assert device_problem("auto", env, cuda_available=False) is None
+
+
+def test_device_cuda_without_cuda_is_an_error_and_device_cpu_overrides_the_request():
+    assert "--device cuda" in device_problem("cuda", {}, cuda_available=False)
+    assert device_problem("cpu", {"SLURM_GPUS_ON_NODE": "8"}, cuda_available=False) is None
+    assert device_problem("cuda", {}, cuda_available=True) is None
+
+
+def test_init_distributed_refuses_a_gpu_launch_on_this_cpu_machine(monkeypatch):
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")  # stands in for a GPU allocation
+    with pytest.raises(DeviceError, match="SLURM_GPUS_ON_NODE=8"):
+        init_distributed(ParallelConfig(), seed=0)
+
+
+def test_device_flag_parses(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("{}\n")
+    config = parse_train_config(["--train-data-path", str(data), "--device", "cuda"], env={})
+    assert config.training.device == "cuda"
+
+
+# --- fusions --------------------------------------------------------------------------------
+
+def test_fusions_are_on_where_their_kernels_exist():
+    assert fusion_settings(True, True, False, fusable_activation=True) == dict(
+        masked_softmax_fusion=True, bias_activation_fusion=True,
+        gradient_accumulation_fusion=True)
+    # Local spec on a GPU: gradient accumulation fusion needs Apex's kernel.
+    assert not fusion_settings(True, False, False,
+                               fusable_activation=True)["gradient_accumulation_fusion"]
+    assert fusion_settings(True, False, True,
+                           fusable_activation=True)["gradient_accumulation_fusion"]
+
+
+def test_fusions_are_off_on_cpus_and_bias_gelu_fusion_needs_a_bias():
+    assert not any(fusion_settings(False, True, True, fusable_activation=True).values())
+    assert not fusion_settings(True, True, True,
+                               fusable_activation=False)["bias_activation_fusion"]
+
+
+# --- FP8 recipes ----------------------------------------------------------------------------
+
+def test_fp8_recipe_defaults_are_megatron_lms():
+    training = TrainingConfig()
+    assert (training.fp8_recipe, training.fp8_param_gather) == ("delayed", False)
+    assert (training.fp8_amax_history_len, training.fp8_amax_compute_algo) == (1, "most_recent")
+
+
+def test_mxfp8_is_refused_on_hopper_with_the_recipes_that_run_there():
+    problem = fp8_recipe_problem("mxfp8", HOPPER, "2.8.0")
+    assert "Blackwell" in problem and "9.0" in problem and "tensorwise" in problem
+    assert fp8_recipe_problem("mxfp8", BLACKWELL, "2.8.0") is None
+
+
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise", "blockwise"])
+def test_hopper_runs_the_other_recipes(recipe):
+    assert fp8_recipe_problem(recipe, HOPPER, "2.8.0+cu12") is None
+
+
+def test_blockwise_needs_hopper_and_new_transformer_engine():
+    assert "Hopper" in fp8_recipe_problem("blockwise", ADA, "2.8.0")
+    assert "2.3" in fp8_recipe_problem("blockwise", HOPPER, "2.2.1")
+
+
+@pytest.mark.parametrize("training, message", [
+    (dict(fp8_recipe="tensorwise"), "--fp8-recipe tensorwise: must be left at its default "
+                                    "without --fp8-format"),
+    (dict(fp8_param_gather=True), "--fp8-param-gather: must be left at its default"),
+    (dict(bf16=True, fp8_format="hybrid", fp8_recipe="tensorwise", fp8_amax_history_len=1024),
+     "--fp8-amax-history-len 1024: must be left at its default unless --fp8-recipe delayed"),
+])
+def test_fp8_flag_combinations_are_validated(training, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainingConfig(**training)
+
+
+def test_fp8_param_gather_needs_the_distributed_optimizer():
+    training = TrainingConfig(bf16=True, fp8_format="hybrid", fp8_param_gather=True)
+    with pytest.raises(ConfigError, match="--fp8-param-gather needs --use-distributed-optimizer"):
+        TrainConfig(training=training)
+    TrainConfig(training=training, parallel=ParallelConfig(use_distributed_optimizer=True))
+
+
+def test_fp8_needs_transformer_engine_layers():
+    with pytest.raises(ConfigError, match="--transformer-impl transformer_engine"):
+        TrainConfig.from_dict({"model": {"transformer_impl": "local"},
+                               "training": {"bf16": True, "fp8_format": "hybrid"}})

@@ -5,13 +5,16 @@ Transformer Engine's version, the launch environment), so the tests pass those v
 a cluster would produce them. No processes, no Megatron.
 """
 
+import types
+
 import pytest
+import torch
 
 from megatron_irl.arguments import parse_train_config
 from megatron_irl.config import ConfigError, ParallelConfig, TrainConfig, TrainingConfig
 from megatron_irl.platform import device_problem, fp8_recipe_problem, requested_gpus
 from megatron_irl.training.distributed import DeviceError, init_distributed
-from megatron_irl.training.model import fusion_settings
+from megatron_irl.training.model import HiddenStatesGPTModel, fusion_settings
 
 HOPPER, ADA, BLACKWELL = (9, 0), (8, 9), (10, 0)
 
@@ -124,3 +127,17 @@ def test_fp8_needs_transformer_engine_layers():
     with pytest.raises(ConfigError, match="--transformer-impl transformer_engine"):
         TrainConfig.from_dict({"model": {"transformer_impl": "local"},
                                "training": {"bf16": True, "fp8_format": "hybrid"}})
+
+
+# --- megatron-core versions -----------------------------------------------------------------
+
+@pytest.mark.parametrize("argument, value", [
+    ("output_processor", print),  # megatron-core 0.18
+    ("is_spec_decode", True),  # 0.17
+    ("labels", torch.zeros(2, 3, dtype=torch.long)),
+])
+def test_fused_output_model_refuses_postprocess_arguments_it_cannot_honour(argument, value):
+    last_stage = types.SimpleNamespace(post_process=True, mtp_process=False)
+    with pytest.raises(NotImplementedError, match=argument):
+        HiddenStatesGPTModel._postprocess(last_stage, torch.zeros(3, 2, 4), padding_mask=None,
+                                          **{argument: value})

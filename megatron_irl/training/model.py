@@ -149,26 +149,36 @@ class HiddenStatesAndWeight(NamedTuple):
     weight: torch.Tensor  # [v/tp, h] this rank's output weight (the embedding's when tied)
 
 
+# GPTModel._postprocess arguments that ask for something other than the logits' inputs.
+UNSUPPORTED_POSTPROCESS_ARGUMENTS = ("labels", "inference_context", "is_spec_decode",
+                                     "output_processor")
+
+
 class HiddenStatesGPTModel(GPTModel):
     """GPTModel whose last pipeline stage returns ``HiddenStatesAndWeight``, not logits.
 
-    Only ``_postprocess`` (megatron-core 0.16.1), the step after the decoder's final norm, is
-    replaced, and only on the last stage: GPTModel there would call ``self.output_layer(hidden,
+    Only ``_postprocess``, the step after the decoder's final norm, is replaced, and only on
+    the last stage (megatron-core 0.16-0.19 call it with keyword arguments only; 0.17 added
+    ``is_spec_decode``, 0.18 ``padding_mask`` and ``output_processor``, which this accepts
+    through ``**kwargs``): GPTModel there would call ``self.output_layer(hidden,
     weight=output_weight)``; this returns the hidden states in the batch-major layout of the
     labels and the weight that call would have used, so the loss can run the output layer
     itself. With sequence parallelism the ``[s/tp, b, h]`` hidden states are all-gathered first
     as the output layer does, but with a backward that splits the gradient (instead of a
     reduce-scatter): the fused loss returns it already summed over the TP group.
-    Multi-token prediction, labels passed to the model and inference are not supported.
+    Multi-token prediction, labels passed to the model, inference and output processors
+    (speculative decoding, megatron-core 0.18's ``output_processor``) are not supported.
     """
 
     def _postprocess(self, hidden_states, **kwargs):
         if not self.post_process:
             return super()._postprocess(hidden_states, **kwargs)
-        if self.mtp_process or kwargs.get("labels") is not None \
-                or kwargs.get("inference_context") is not None:
-            raise NotImplementedError("--fused-output-loss supports training and evaluation "
-                                      "without multi-token prediction, labels or inference")
+        asked = [name for name in UNSUPPORTED_POSTPROCESS_ARGUMENTS
+                 if kwargs.get(name) is not None and kwargs.get(name) is not False]
+        if self.mtp_process or asked:
+            raise NotImplementedError(
+                "--fused-output-loss supports training and evaluation without multi-token "
+                f"prediction, labels, inference or output processors (got {asked or 'MTP'})")
         if self.config.sequence_parallel:
             hidden_states = gather_from_sequence_parallel_region(
                 hidden_states, tensor_parallel_output_grad=False, group=self.pg_collection.tp

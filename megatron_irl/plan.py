@@ -273,7 +273,12 @@ def format_plan(request: PlanRequest, config_label: str) -> tuple[str, bool]:
     options = [name for name, on in (("sequence parallel", p.sequence_parallel),
                                      ("distributed optimizer", p.use_distributed_optimizer),
                                      ("fused output loss", cfg.irl.fused_output_loss)) if on]
-    precision = _weight_dtype(t) + (f" + FP8 {t.fp8_format}" if t.fp8_format else "")
+    precision = _weight_dtype(t) + (
+        f" + FP8 {t.fp8_format}, recipe {t.fp8_recipe}"
+        + (f" (amax history {t.fp8_amax_history_len}, {t.fp8_amax_compute_algo})"
+           if t.fp8_recipe == "delayed" else "")
+        + (", FP8 weights gathered in FP8" if t.fp8_param_gather else "")
+        if t.fp8_format else "")
     spec = "Transformer Engine" if planning.assumes_transformer_engine(cfg) else "local"
     lines = [
         f"{PROG}: {config_label}",

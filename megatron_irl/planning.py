@@ -12,13 +12,16 @@ and MLP column; norms and row-parallel biases are replicated.
 
 Memory per GPU, in bytes, is the sum of these terms (the trainer's choices, ``training/``):
 
-* weights: the parameters in the parameter dtype (bf16: 2 bytes, else 4), except those the
-  trainer's bf16 model keeps in fp32 (``stage_fp32_parameters``);
+* weights: the parameters in the parameter dtype (bf16: 2 bytes, else 4; the trainer casts
+  every parameter, as Megatron-LM's Float16Module does); with ``--fp8-param-gather`` the
+  linear-layer weights are FP8 (1 byte);
 * gradients: Megatron-Core DDP's buffers, fp32 (``grad_reduce_in_fp32``): 4 bytes a parameter;
 * optimizer: Adam's two fp32 moments (8 bytes) plus, for bf16 weights, an fp32 main copy
   (4 bytes); the distributed optimizer divides them by the data-parallel size;
 * FP8 weight cache: Transformer Engine's FP8 copy of each linear weight and its transpose,
-  kept across micro-batches (2 bytes a linear-layer weight);
+  kept across micro-batches (2 bytes a linear-layer weight, plus one 1-byte scale per 32
+  values of each with ``--fp8-recipe mxfp8``); with ``--fp8-param-gather`` the weight is
+  that FP8 copy, so only the transpose is cached;
 * activations: what backward needs, per layer and micro-batch (``layer_activation_bytes``),
   times the micro-batches in flight at the stage's peak (``in_flight_chunks``), with the
   recomputation chosen, plus one layer's attention scores and their gradient (working set);
@@ -41,6 +44,7 @@ GIB = 1024 ** 3
 _FP32 = 4
 _ADAM_MOMENT_BYTES = 2 * _FP32
 _FP8_WEIGHT_COPY_BYTES = 2  # e4m3 data and its transpose (Hopper GEMMs take both layouts)
+_MXFP8_BLOCK = 32  # values per 1-byte shared exponent (E8M0) of an MXFP8 tensor
 
 
 def _dtype_bytes(cfg: TrainConfig) -> int:
@@ -168,26 +172,14 @@ def assumes_transformer_engine(cfg: TrainConfig) -> bool:
     return cfg.model.transformer_impl != "local"
 
 
-def stage_fp32_parameters(cfg: TrainConfig) -> list[int]:
-    """Parameters on each stage's ranks that stay fp32 in a bf16 model.
-
-    The trainer creates its modules in the parameter dtype without Megatron-LM's
-    Float16Module cast, so modules that ignore ``params_dtype`` stay fp32: learned position
-    embeddings, and the local spec's norms (Transformer Engine's take the parameter dtype).
-    """
-    m, p = cfg.model, cfg.parallel
-    pp = p.pipeline_model_parallel_size
-    layers = pipeline_layers(m.num_layers, pp, p.virtual_pipeline_model_parallel_size)
-    norms_per_layer = 0 if assumes_transformer_engine(cfg) else 2 * _norm_parameters(m)
-    counts = []
-    for stage, chunks in enumerate(layers):
-        count = sum(len(chunk) for chunk in chunks) * norms_per_layer
-        if stage == pp - 1 and not assumes_transformer_engine(cfg):
-            count += _norm_parameters(m)
-        if stage == 0 and m.position_embedding_type == "learned_absolute":
-            count += m.max_position_embeddings * m.hidden_size
-        counts.append(count)
-    return counts
+def fp8_weight_cache_bytes(recipe: str, linear_weights: int) -> int:
+    """Bytes of Transformer Engine's FP8 copies (data and transpose) of ``linear_weights``
+    weights: 1 byte a value each, plus MXFP8's per-32-value scales; the per-tensor (delayed,
+    tensorwise) and 128x128-block (blockwise) scales are negligible."""
+    cache = linear_weights * _FP8_WEIGHT_COPY_BYTES
+    if recipe == "mxfp8":
+        cache += -(-cache // _MXFP8_BLOCK)
+    return cache
 
 
 @dataclass(frozen=True)
@@ -329,19 +321,23 @@ def estimate_memory(cfg: TrainConfig, padded_vocab: int, data_parallel: int) -> 
     tp, pp, vpp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                    p.virtual_pipeline_model_parallel_size)
     param_bytes = _dtype_bytes(cfg)
-    low_precision = param_bytes < _FP32
-    main_copy = _FP32 if low_precision else 0  # per low-precision parameter
+    main_copy = _FP32 if param_bytes < _FP32 else 0  # fp32 main weights of bf16 / fp16 ones
     num_microbatches = t.global_batch_size // (t.micro_batch_size * data_parallel)
     per_layer = layer_activation_bytes(cfg)
     residual = t.micro_batch_size * m.seq_length * m.hidden_size \
         // (tp if p.sequence_parallel else 1)
     stages = []
-    for stage, (chunks, params, fp32_params) in enumerate(zip(
-            pipeline_layers(m.num_layers, pp, vpp), stage_parameters(cfg, padded_vocab),
-            stage_fp32_parameters(cfg))):
-        fp32_params = fp32_params if low_precision else params
-        weights = (params - fp32_params) * param_bytes + fp32_params * _FP32
-        optimizer = params * _ADAM_MOMENT_BYTES + (params - fp32_params) * main_copy
+    for stage, (chunks, params) in enumerate(zip(pipeline_layers(m.num_layers, pp, vpp),
+                                                 stage_parameters(cfg, padded_vocab))):
+        layers = sum(len(chunk) for chunk in chunks)
+        linear_weights = layers * _layer_linear_weights(m, tp)
+        weights, fp8_cache = params * param_bytes, 0
+        if t.fp8_format:
+            fp8_cache = fp8_weight_cache_bytes(t.fp8_recipe, linear_weights)
+            if t.fp8_param_gather:  # the FP8 copy is the weight: 1 byte instead of bf16's 2
+                weights -= linear_weights * (param_bytes - 1)
+                fp8_cache -= linear_weights
+        optimizer = params * (_ADAM_MOMENT_BYTES + main_copy)
         in_flight = in_flight_chunks(stage, pp, vpp, num_microbatches)
         activations = (in_flight * _chunk_activations(cfg, len(chunks[0]), per_layer)
                        + _backward_working_set(cfg, per_layer))
@@ -349,9 +345,6 @@ def estimate_memory(cfg: TrainConfig, padded_vocab: int, data_parallel: int) -> 
         if stage == pp - 1:
             activations += 2 * residual * param_bytes  # final norm, output layer inputs
             logits = logits_and_loss_bytes(cfg, padded_vocab)
-        layers = sum(len(chunk) for chunk in chunks)
-        fp8_cache = (layers * _layer_linear_weights(m, tp) * _FP8_WEIGHT_COPY_BYTES
-                     if t.fp8_format else 0)
         stages.append(StageMemory(
             stage=stage, layers=chunks, parameters=params,
             weights=weights, gradients=params * _FP32,

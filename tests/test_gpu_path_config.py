@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from megatron_irl.arguments import parse_train_config
-from megatron_irl.config import ConfigError, ParallelConfig, TrainConfig, TrainingConfig
+from megatron_irl.config import (
+    ConfigError,
+    ModelConfig,
+    ParallelConfig,
+    TrainConfig,
+    TrainingConfig,
+)
 from megatron_irl.platform import device_problem, fp8_recipe_problem, requested_gpus
 from megatron_irl.training.distributed import DeviceError, init_distributed
 from megatron_irl.training.model import HiddenStatesGPTModel, fusion_settings
@@ -141,3 +147,33 @@ def test_fused_output_model_refuses_postprocess_arguments_it_cannot_honour(argum
     with pytest.raises(NotImplementedError, match=argument):
         HiddenStatesGPTModel._postprocess(last_stage, torch.zeros(3, 2, 4), padding_mask=None,
                                           **{argument: value})
+
+
+# --- the planner follows the FP8 choices ------------------------------------------------------
+
+def _stage0(**training):
+    from megatron_irl.planning import estimate_memory
+
+    cfg = TrainConfig.from_dict({
+        "model": {"num_layers": 4, "hidden_size": 1024, "num_attention_heads": 8, "swiglu": True,
+                  "transformer_impl": "transformer_engine"},
+        "parallel": {"use_distributed_optimizer": True},
+        "training": {"bf16": True, "micro_batch_size": 1, "global_batch_size": 8, **training}})
+    return estimate_memory(cfg, padded_vocab=32768, data_parallel=8)[0]
+
+
+def test_plan_counts_fp8_weights_gathered_in_fp8_one_byte_smaller_each():
+    from megatron_irl.planning import _layer_linear_weights
+
+    plain = _stage0(fp8_format="hybrid")
+    gathered = _stage0(fp8_format="hybrid", fp8_param_gather=True)
+    linear = 4 * _layer_linear_weights(ModelConfig(num_layers=4, hidden_size=1024,
+                                                   num_attention_heads=8, swiglu=True), 1)
+    assert plain.weights - gathered.weights == linear  # bf16 (2 bytes) -> FP8 (1 byte)
+    assert plain.fp8_weight_cache - gathered.fp8_weight_cache == linear  # only the transpose
+    assert plain.fp8_weight_cache == 2 * linear
+
+
+def test_plan_counts_mxfp8_scales():
+    delayed, mx = _stage0(fp8_format="hybrid"), _stage0(fp8_format="hybrid", fp8_recipe="mxfp8")
+    assert mx.fp8_weight_cache == delayed.fp8_weight_cache + delayed.fp8_weight_cache // 32

@@ -152,9 +152,15 @@ class ParallelConfig(_Section):
                                            "Shard optimizer state over the data-parallel group.")
     overlap_grad_reduce: bool = _opt(False, "--overlap-grad-reduce",
                                      "Overlap the gradient reduction with the backward pass.")
+    distributed_timeout_minutes: int = _opt(
+        30, "--distributed-timeout-minutes",
+        "Timeout of the process groups' collectives: a rank that waits longer (a hung or dead "
+        "peer) fails instead of hanging the job. Megatron-Core's default (Megatron-LM's is "
+        "10), since ranks wait in a barrier while a large checkpoint is written.")
 
     def _validate(self) -> None:
-        self._require_at_least(1, "tensor_model_parallel_size", "pipeline_model_parallel_size")
+        self._require_at_least(1, "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                               "distributed_timeout_minutes")
         self._require_at_least(2, "virtual_pipeline_model_parallel_size")
         if self.virtual_pipeline_model_parallel_size is not None:
             self._require(self.pipeline_model_parallel_size > 1,

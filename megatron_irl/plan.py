@@ -251,6 +251,20 @@ def _memory_lines(cfg: TrainConfig, stages: list[StageMemory], gpu_bytes: int) -
     return lines
 
 
+def _save_lines(cfg: TrainConfig, stages: list[StageMemory], gpus_per_node: int | None
+                ) -> list[str]:
+    """The host memory a checkpoint save needs (``planning.StageMemory.save_host``)."""
+    per_gpu = max(s.save_host for s in stages)
+    if not per_gpu:
+        return ["checkpoint  saving copies tensors to the host one at a time as it writes them"]
+    node = (f", {_gib(per_gpu * gpus_per_node)} GiB per node of {gpus_per_node} GPUs"
+            if gpus_per_node else "")
+    return [f"checkpoint  saving gathers each rank's fp32 main weights and Adam moments in host "
+            f"memory (the distributed optimizer's fully reshardable format), all ranks at once: "
+            f"{_gib(per_gpu)} GiB per GPU{node}; ask Slurm for that much (sbatch --mem) on "
+            "top of the data loaders' and the model's own"]
+
+
 def format_plan(request: PlanRequest, config_label: str) -> tuple[str, bool]:
     """The report and whether the largest stage fits; raises ConfigError for a bad config."""
     cfg = request.config
@@ -301,6 +315,7 @@ def format_plan(request: PlanRequest, config_label: str) -> tuple[str, bool]:
         "",
         *_memory_lines(cfg, stages, gpu_bytes),
     ]
+    lines += ["", *_save_lines(cfg, stages, request.gpus_per_node)]
     notes += machine_notes(cfg)
     if notes:
         lines += ["", "notes:", *(f"  {note}" for note in notes)]

@@ -29,6 +29,12 @@ Memory per GPU, in bytes, is the sum of these terms (the trainer's choices, ``tr
   softmax the loss keeps for backward; with ``--fused-output-loss`` a ``[chunk, V/TP]`` fp32
   buffer and the fp32 gradient of the ``[V/TP, h]`` output weight instead.
 
+Host memory of a checkpoint save (``save_host``): with ``--use-distributed-optimizer`` the
+checkpoint's optimizer format (``fully_reshardable``, loadable at any TP / PP / DP) gathers
+the fp32 main weights and Adam moments of the rank's model-parallel shard, i.e. its
+unsharded optimizer state, in host memory on every rank at once; without it the tensors are
+copied to the host one at a time as they are written (counted as 0).
+
 Not counted: the CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation and
 transient buffers of backward other than those above; ``plan`` keeps a margin for them.
 """
@@ -308,6 +314,7 @@ class StageMemory:
     activations: int
     logits_and_loss: int
     in_flight: int  # model-chunk micro-batches held at the peak
+    save_host: int  # host memory a checkpoint save takes on this GPU's rank (all at once)
 
     def total(self, distributed_optimizer: bool) -> int:
         optimizer = self.optimizer_sharded if distributed_optimizer else self.optimizer_replicated
@@ -350,5 +357,6 @@ def estimate_memory(cfg: TrainConfig, padded_vocab: int, data_parallel: int) -> 
             weights=weights, gradients=params * _FP32,
             optimizer_sharded=-(-optimizer // data_parallel), optimizer_replicated=optimizer,
             fp8_weight_cache=fp8_cache, activations=activations, logits_and_loss=logits,
-            in_flight=in_flight))
+            in_flight=in_flight,
+            save_host=optimizer if p.use_distributed_optimizer else 0))
     return stages

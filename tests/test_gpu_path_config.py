@@ -5,7 +5,9 @@ Transformer Engine's version, the launch environment), so the tests pass those v
 a cluster would produce them. No processes, no Megatron.
 """
 
+import re
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from megatron_irl.platform import device_problem, fp8_recipe_problem, requested_
 from megatron_irl.training.distributed import DeviceError, init_distributed
 from megatron_irl.training.model import HiddenStatesGPTModel, fusion_settings
 
+REPO = Path(__file__).resolve().parents[1]
 HOPPER, ADA, BLACKWELL = (9, 0), (8, 9), (10, 0)
 
 
@@ -177,3 +180,38 @@ def test_plan_counts_fp8_weights_gathered_in_fp8_one_byte_smaller_each():
 def test_plan_counts_mxfp8_scales():
     delayed, mx = _stage0(fp8_format="hybrid"), _stage0(fp8_format="hybrid", fp8_recipe="mxfp8")
     assert mx.fp8_weight_cache == delayed.fp8_weight_cache + delayed.fp8_weight_cache // 32
+
+
+# --- checkpoint I/O -------------------------------------------------------------------------
+
+def test_plan_counts_the_host_memory_of_a_distributed_optimizer_save():
+    stage = _stage0()  # --use-distributed-optimizer, bf16
+    assert stage.save_host == stage.parameters * 12  # fp32 main weights + two Adam moments
+    assert stage.save_host == stage.optimizer_replicated  # the whole state, not its DP shard
+
+
+def test_plan_prints_the_host_memory_of_a_save_per_node(capsys, monkeypatch):
+    from megatron_irl import plan
+
+    monkeypatch.chdir(REPO)
+    assert plan.main(["--config", "examples/recipes/llama3-8b.yaml", "--nodes", "1",
+                      "--gpus-per-node", "8", "--vocab-size", "128256"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("checkpoint"))
+    per_gpu, per_node = (float(x) for x in re.findall(r"([\d.]+) GiB per (?:GPU|node)", line))
+    assert per_node == pytest.approx(8 * per_gpu, abs=0.05) and per_gpu > 40  # 8B at TP 2 (rounded)
+
+
+def test_distributed_timeout_reaches_the_process_group(monkeypatch):
+    from megatron_irl.training import distributed
+
+    seen = {}
+
+    def record_and_stop(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stopped at init_process_group")
+
+    monkeypatch.setattr(distributed.dist, "init_process_group", record_and_stop)
+    with pytest.raises(RuntimeError, match="stopped at init_process_group"):
+        distributed.init_distributed(ParallelConfig(distributed_timeout_minutes=45), seed=0)
+    assert seen["timeout"].total_seconds() == 45 * 60

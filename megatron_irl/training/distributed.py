@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
 
@@ -47,14 +48,17 @@ def init_distributed(parallel: ParallelConfig, seed: int, device: str = "auto") 
     else:
         enable_cpu_support()
         backend = "gloo"
+    timeout = datetime.timedelta(minutes=parallel.distributed_timeout_minutes)
     if world_size == 1:  # no rendezvous, so no port to collide with other jobs' on the host
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
     else:
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
     seed_everything(seed)
 

@@ -308,8 +308,10 @@ def format_plan(request: PlanRequest, config_label: str) -> tuple[str, bool]:
         f"precision   {precision}; recompute {t.recompute_granularity or 'none'}"
         + (f" ({t.recompute_method}, {t.recompute_num_layers} layers)" if t.recompute_method
            else "") + (f"; {', '.join(options)}" if options else ""),
-        f"attention   {spec} unfused attention (the block-causal mask rules out flash "
-        "attention): the scores [b, heads/TP, s, s] are materialised",
+        (f"attention   {spec}: packed documents as THD sequences (cu_seqlens) on flash / "
+         "cuDNN attention; no [s, s] scores" if planning.packs_as_thd(cfg) else
+         f"attention   {spec} unfused attention (the block-causal mask rules out flash "
+         "attention): the scores [b, heads/TP, s, s] are materialised"),
         "",
         *_layout_lines(cfg, stages, dp, padded, request.gpus_per_node),
         "",

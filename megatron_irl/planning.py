@@ -25,6 +25,8 @@ Memory per GPU, in bytes, is the sum of these terms (the trainer's choices, ``tr
 * activations: what backward needs, per layer and micro-batch (``layer_activation_bytes``),
   times the micro-batches in flight at the stage's peak (``in_flight_chunks``), with the
   recomputation chosen, plus one layer's attention scores and their gradient (working set);
+  with THD packing (``packs_as_thd``) flash attention keeps no scores, only their softmax
+  statistics;
 * logits and loss (last stage, one micro-batch): the ``[tokens, V/TP]`` logits and the fp32
   softmax the loss keeps for backward; with ``--fused-output-loss`` a ``[chunk, V/TP]`` fp32
   buffer and the fp32 gradient of the ``[V/TP, h]`` output weight instead.
@@ -45,6 +47,7 @@ import math
 from dataclasses import dataclass
 
 from megatron_irl.config import ConfigError, ModelConfig, TrainConfig
+from megatron_irl.config_online import SAMPLING_LOSSES
 
 GIB = 1024 ** 3
 _FP32 = 4
@@ -188,6 +191,13 @@ def fp8_weight_cache_bytes(recipe: str, linear_weights: int) -> int:
     return cache
 
 
+def packs_as_thd(cfg: TrainConfig) -> bool:
+    """Whether training gives attention its packed rows as THD sequences (flash / cuDNN
+    attention, no ``[s, s]`` scores) rather than a block-causal mask: with Transformer
+    Engine, for the losses that do not sample (``training.model.uses_thd``)."""
+    return assumes_transformer_engine(cfg) and cfg.irl.loss not in SAMPLING_LOSSES
+
+
 @dataclass(frozen=True)
 class LayerActivations:
     """Bytes one layer keeps for backward, per micro-batch, on one rank."""
@@ -221,16 +231,21 @@ def layer_activation_bytes(cfg: TrainConfig) -> LayerActivations:
     ffn = tokens * m.ffn_hidden_size // tp
     groups = (m.num_query_groups or m.num_attention_heads) // tp
     key_value = 2 * tokens * groups * m.kv_channels  # K and V as the QKV layer gives them
-    score_elements = t.micro_batch_size * heads * m.seq_length ** 2
-    # The trainer gives attention an arbitrary (block-causal) mask, for which Transformer
-    # Engine selects neither flash nor cuDNN fused attention: the [b, heads/TP, s, s] scores
-    # exist with either spec. TE's softmax kernel keeps them in the activation dtype; the
-    # local spec's softmax runs in fp32 and keeps that result as well.
-    score_bytes = act if assumes_transformer_engine(cfg) or act == _FP32 else _FP32 + act
-    scores = score_elements * score_bytes
-    if m.attention_dropout > 0:
-        scores += score_elements * (1 + act)  # the mask and the dropped-out probabilities
-    core_attention = scores + (2 * query - key_value) * act  # + K, V repeated to every head
+    if packs_as_thd(cfg):
+        # Flash / cuDNN attention on THD sequences keeps only the softmax statistics
+        # [b, heads/TP, s] in fp32, takes grouped K/V as they are and regenerates dropout.
+        scores = t.micro_batch_size * heads * m.seq_length * _FP32
+        core_attention = scores
+    else:
+        score_elements = t.micro_batch_size * heads * m.seq_length ** 2
+        # A block-causal mask (the local spec, or sampling losses) keeps Transformer Engine
+        # off flash and cuDNN attention: the [b, heads/TP, s, s] scores exist. TE's softmax
+        # keeps them in the activation dtype; the local spec's runs in fp32 and keeps both.
+        score_bytes = act if assumes_transformer_engine(cfg) or act == _FP32 else _FP32 + act
+        scores = score_elements * score_bytes
+        if m.attention_dropout > 0:
+            scores += score_elements * (1 + act)  # the mask and the dropped-out probabilities
+        core_attention = scores + (2 * query - key_value) * act  # + K, V repeated per head
     norms_and_linear_inputs = 2 * residual * act + 2 * residual * linear_in
     attention = (query + key_value + query) * act + (query if fp8 else 0)  # Q, K, V, output
     mlp = ffn * act * (3 if m.swiglu else 1) + ffn * linear_in

@@ -26,6 +26,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_irl.config import TrainConfig
+from megatron_irl.config_online import SAMPLING_LOSSES
 from megatron_irl.planning import padded_vocab_size
 from megatron_irl.platform import transformer_engine_problem
 
@@ -127,7 +128,19 @@ def fusion_settings(on_gpu: bool, transformer_engine: bool, apex_weight_grad: bo
     )
 
 
-def layer_spec(cfg: TrainConfig) -> ModuleSpec:
+def uses_thd(cfg: TrainConfig) -> bool:
+    """Whether training feeds packed rows to attention as THD sequences (``PackedSeqParams``
+    with cu_seqlens: TE's flash / cuDNN attention) instead of the block-causal mask.
+
+    With Transformer Engine, for the losses that do not sample: the sampling losses
+    (online, gail) also generate with the training model, which passes masks.
+    """
+    return uses_transformer_engine(cfg) and cfg.irl.loss not in SAMPLING_LOSSES
+
+
+def layer_spec(cfg: TrainConfig, thd: bool = False) -> ModuleSpec:
+    """The layer spec; attention takes the data's block-causal mask (``arbitrary``), or with
+    ``thd`` the causal mask within each cu_seqlens segment (TE: padding_causal)."""
     if uses_transformer_engine(cfg):
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
@@ -138,7 +151,8 @@ def layer_spec(cfg: TrainConfig) -> ModuleSpec:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
         spec = get_gpt_layer_local_spec(normalization=cfg.model.normalization)
-    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+    spec.submodules.self_attention.params["attn_mask_type"] = (
+        AttnMaskType.causal if thd else AttnMaskType.arbitrary)
     return spec
 
 
@@ -208,14 +222,15 @@ def place_model(chunk: torch.nn.Module, device: torch.device, dtype: torch.dtype
         chunk.to(dtype=dtype)
 
 
-def build_model_chunks(cfg: TrainConfig, vocab_size: int,
-                       device: torch.device | None = None) -> list[GPTModel]:
+def build_model_chunks(cfg: TrainConfig, vocab_size: int, device: torch.device | None = None,
+                       thd: bool = False) -> list[GPTModel]:
     """This rank's model: one GPTModel per virtual pipeline stage (one without interleaving),
     every parameter and buffer on ``device`` (default: ``target_device()``) in the dtype of
-    --bf16 / --fp16 (float32 otherwise)."""
+    --bf16 / --fp16 (float32 otherwise). ``thd``: attention for THD inputs (``uses_thd``);
+    otherwise for block-causal masks (inference, the local spec)."""
     device = device or target_device()
     config = transformer_config(cfg)
-    spec = layer_spec(cfg)
+    spec = layer_spec(cfg, thd)
     padded = padded_vocab_size(
         vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size
     )

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PART_FILES = ("env.json", "loss.json", "train_bf16.json", "train_fp8.json", "results.json",
-              "table.md")
+PART_FILES = ("env.json", "loss.json", "train_bf16.json", "train_fp8.json", "gpu_path.json",
+              "results.json", "table.md")
 
 
 @pytest.fixture(scope="module")

@@ -72,21 +72,25 @@ def test_device_flag_parses(tmp_path):
 
 # --- fusions --------------------------------------------------------------------------------
 
+def _fusions(on_gpu=True, te=True, softmax=True, weight_grad=True, fusable=True):
+    return fusion_settings(on_gpu, te, softmax_kernel=softmax, weight_grad_kernel=weight_grad,
+                           fusable_activation=fusable)
+
+
 def test_fusions_are_on_where_their_kernels_exist():
-    assert fusion_settings(True, True, False, fusable_activation=True) == dict(
-        masked_softmax_fusion=True, bias_activation_fusion=True,
-        gradient_accumulation_fusion=True)
-    # Local spec on a GPU: gradient accumulation fusion needs Apex's kernel.
-    assert not fusion_settings(True, False, False,
-                               fusable_activation=True)["gradient_accumulation_fusion"]
-    assert fusion_settings(True, False, True,
-                           fusable_activation=True)["gradient_accumulation_fusion"]
+    assert _fusions() == dict(masked_softmax_fusion=True, bias_activation_fusion=True,
+                              gradient_accumulation_fusion=True)
+    # Without Apex: TE's GEMMs still fuse gradient accumulation; the local layers cannot,
+    # and Megatron's masked softmax has no kernel.
+    assert _fusions(softmax=False, weight_grad=False)["gradient_accumulation_fusion"]
+    assert _fusions(te=False, softmax=False, weight_grad=False) == dict(
+        masked_softmax_fusion=False, bias_activation_fusion=True,
+        gradient_accumulation_fusion=False)
 
 
 def test_fusions_are_off_on_cpus_and_bias_gelu_fusion_needs_a_bias():
-    assert not any(fusion_settings(False, True, True, fusable_activation=True).values())
-    assert not fusion_settings(True, True, True,
-                               fusable_activation=False)["bias_activation_fusion"]
+    assert not any(_fusions(on_gpu=False).values())
+    assert not _fusions(fusable=False)["bias_activation_fusion"]
 
 
 # --- FP8 recipes ----------------------------------------------------------------------------

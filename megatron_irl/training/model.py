@@ -13,6 +13,7 @@ Parameters, state dicts and checkpoints are GPTModel's, unchanged.
 
 from __future__ import annotations
 
+import importlib
 from typing import NamedTuple
 
 import torch
@@ -95,36 +96,40 @@ def transformer_config(cfg: TrainConfig) -> TransformerConfig:
         recompute_num_layers=training.recompute_num_layers,
         # CPU runs need CPU-side init; on GPU Megatron initialises each shard on its device.
         use_cpu_initialization=not on_gpu,
-        **fusion_settings(on_gpu, uses_transformer_engine(cfg), apex_weight_grad_fusion(),
-                          fusable_activation=model.swiglu or model.add_bias_linear),
+        **fusion_settings(
+            on_gpu, uses_transformer_engine(cfg),
+            softmax_kernel=on_gpu and cuda_extension_importable("scaled_masked_softmax_cuda"),
+            weight_grad_kernel=on_gpu and cuda_extension_importable(
+                "fused_weight_gradient_mlp_cuda"),
+            fusable_activation=model.swiglu or model.add_bias_linear),
         **fp8,
     )
 
 
-def apex_weight_grad_fusion() -> bool:
-    """Whether Apex's fused weight-gradient kernel (``fused_weight_gradient_mlp_cuda``)
-    imports; Megatron's local linear layers need it for gradient accumulation fusion."""
+def cuda_extension_importable(name: str) -> bool:
+    """Whether a CUDA extension module (Apex's fused kernels) imports."""
     try:
-        import fused_weight_gradient_mlp_cuda  # noqa: F401
+        importlib.import_module(name)
     except ImportError:
         return False
     return True
 
 
-def fusion_settings(on_gpu: bool, transformer_engine: bool, apex_weight_grad: bool, *,
-                    fusable_activation: bool) -> dict:
+def fusion_settings(on_gpu: bool, transformer_engine: bool, *, softmax_kernel: bool,
+                    weight_grad_kernel: bool, fusable_activation: bool) -> dict:
     """Megatron-LM's fusion defaults where their kernels exist, off on CPUs.
 
-    The softmax and bias-activation fusions are CUDA kernels (Megatron's own, TE's or a
-    fused torch one); the bias-activation one needs SwiGLU or a bias (Megatron-LM turns it
-    off for a bias-free GeLU MLP, which has nothing to fuse). Gradient accumulation fusion
-    writes weight gradients straight into the fp32 main-grad buffers with TE's GEMMs, or
-    Apex's kernel for the local layers.
+    The masked-softmax fusion (the local spec's unfused attention; TE has its own softmax)
+    needs Apex's ``scaled_masked_softmax_cuda``; the bias-activation fusion is a fused torch
+    function, needing only CUDA and SwiGLU or a bias (Megatron-LM turns it off for a bias-free
+    GeLU MLP, which has nothing to fuse); gradient accumulation fusion writes weight gradients
+    straight into the fp32 main-grad buffers with TE's GEMMs, or Apex's
+    ``fused_weight_gradient_mlp_cuda`` for the local layers.
     """
     return dict(
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu and softmax_kernel,
         bias_activation_fusion=on_gpu and fusable_activation,
-        gradient_accumulation_fusion=on_gpu and (transformer_engine or apex_weight_grad),
+        gradient_accumulation_fusion=on_gpu and (transformer_engine or weight_grad_kernel),
     )
 
 

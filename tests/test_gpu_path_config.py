@@ -219,3 +219,13 @@ def test_distributed_timeout_reaches_the_process_group(monkeypatch):
     with pytest.raises(RuntimeError, match="stopped at init_process_group"):
         distributed.init_distributed(ParallelConfig(distributed_timeout_minutes=45), seed=0)
     assert seen["timeout"].total_seconds() == 45 * 60
+
+
+def test_train_command_reports_a_gpu_launch_without_cuda_as_an_error(monkeypatch, capsys, tmp_path):
+    from megatron_irl.train import main
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("{}\n")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # stands in for a launcher's GPU binding
+    assert main(["--train-data-path", str(data)]) == 1
+    assert "asked for GPUs (CUDA_VISIBLE_DEVICES=0,1)" in capsys.readouterr().err

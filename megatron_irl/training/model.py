@@ -2,8 +2,11 @@
 
 The layer spec is Transformer Engine's when TE is importable on a GPU (or asked for with
 ``--transformer-impl transformer_engine``), Megatron-Core's local spec otherwise. Packed rows
-hold several documents, so attention always takes the block-causal mask the data gives
-(``AttnMaskType.arbitrary``) rather than the built-in causal one.
+hold several documents: training with TE feeds them to attention as THD sequences with
+cu_seqlens (``uses_thd``, ``data/packed_attention.py``); otherwise attention takes the
+block-causal mask the data gives (``AttnMaskType.arbitrary``). The model is placed on the
+rank's device in the precision's dtype (``place_model``); fusions are on where their kernels
+exist (``fusion_settings``).
 
 With ``--fused-output-loss`` the chunks are ``HiddenStatesGPTModel``: the last stage skips the
 output layer's matmul and returns the final hidden states with the output weight, which the

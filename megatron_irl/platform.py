@@ -111,7 +111,8 @@ def fp8_recipe_problem(recipe: str, capability: tuple[int, int], te_version: str
                 + ("; on Hopper use --fp8-recipe tensorwise, blockwise or delayed"
                    if recipe == "mxfp8" and tuple(capability) >= (9, 0) else ""))
     if _version_tuple(te_version) < _version_tuple(oldest_te):
-        return f"the {recipe} recipe needs Transformer Engine {oldest_te} or newer; found {te_version}"
+        return (f"the {recipe} recipe needs Transformer Engine {oldest_te} or newer; "
+                f"found {te_version}")
     return None
 
 

@@ -6,6 +6,8 @@ at each segment), and the block-mask path by dense masked attention with RoPE at
 positions (Megatron's rotary embedding over ``0..s-1``). Real tokens must get the same output.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,7 @@ import torch
 from megatron_irl.data.packed_attention import segment_boundaries, thd_packed_seq_params
 from megatron_irl.data.packing import block_causal_attention_mask
 
+REPO = Path(__file__).resolve().parents[1]
 HEADS, DIM = 2, 8
 
 
@@ -21,7 +24,8 @@ def _rope(x, positions):
     half = DIM // 2
     inv_freq = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / half)
     angles = positions[:, None].double() * inv_freq[None, :]  # [t, d/2]
-    cos, sin = torch.cat([angles.cos()] * 2, -1)[:, None], torch.cat([angles.sin()] * 2, -1)[:, None]
+    cos = torch.cat([angles.cos()] * 2, -1)[:, None]  # [t, 1, d]
+    sin = torch.cat([angles.sin()] * 2, -1)[:, None]
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
 
@@ -79,8 +83,8 @@ def test_thd_attention_equals_block_mask_attention_on_real_tokens():
     q, k, v = (torch.randn(b, s, HEADS, DIM, generator=generator, dtype=torch.float64)
                for _ in range(3))
     params = thd_packed_seq_params(document_ids)
-    thd = _thd_attention(q.reshape(b * s, HEADS, DIM), k.reshape(b * s, HEADS, DIM),
-                         v.reshape(b * s, HEADS, DIM), params.cu_seqlens_q).reshape(b, s, HEADS, DIM)
+    flat = [x.reshape(b * s, HEADS, DIM) for x in (q, k, v)]
+    thd = _thd_attention(*flat, params.cu_seqlens_q).reshape(b, s, HEADS, DIM)
     reference = _block_mask_attention(q, k, v, document_ids)
     real = document_ids >= 0
     torch.testing.assert_close(thd[real], reference[real], rtol=1e-12, atol=1e-12)
@@ -96,14 +100,31 @@ def test_segments_are_the_documents_and_padding_runs_of_each_row():
     assert params.cu_seqlens_q.dtype == torch.int32 and params.cu_seqlens_kv is params.cu_seqlens_q
 
 
-def test_row_position_ids_are_the_positions_within_each_segment():
-    document_ids, position_ids = _packed_rows(ROWS, SEQ)
+def test_bundled_data_packs_into_segments_whose_positions_restart_and_attend_alike():
+    """The packed rows the trainer reads (bundled data, seq 128): each segment's position ids
+    run 0, 1, ... (learned embeddings and RoPE agree), and THD attention equals the block
+    mask's on real tokens."""
+    from megatron_irl.data import SFTDataset, load_tokenizer
+
+    dataset = SFTDataset(str(REPO / "examples" / "data" / "train.jsonl"),
+                         load_tokenizer(str(REPO / "examples" / "data" / "tokenizer.model")), 128)
+    batch = dataset.micro_batch(np.arange(4))
+    document_ids, position_ids = batch["document_ids"], batch["position_ids"]
     boundaries = segment_boundaries(document_ids).tolist()
-    flat_positions = position_ids.reshape(-1)
-    flat_ids = document_ids.reshape(-1)
+    assert len(boundaries) - 1 > 4  # several documents per row
+    flat_positions, flat_ids = position_ids.reshape(-1), document_ids.reshape(-1)
     for start, end in zip(boundaries[:-1], boundaries[1:]):
         if flat_ids[start] >= 0:
             assert flat_positions[start:end].tolist() == list(range(end - start))
+    b, s = document_ids.shape
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(b, s, HEADS, DIM, generator=generator, dtype=torch.float64)
+               for _ in range(3))
+    flat = [x.reshape(b * s, HEADS, DIM) for x in (q, k, v)]
+    thd = _thd_attention(*flat, segment_boundaries(document_ids)).reshape(b, s, HEADS, DIM)
+    real = document_ids >= 0
+    torch.testing.assert_close(thd[real], _block_mask_attention(q, k, v, document_ids)[real],
+                               rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("transformer_impl, loss, thd", [
@@ -111,7 +132,8 @@ def test_row_position_ids_are_the_positions_within_each_segment():
     ("local", "soft_q", False),
     ("transformer_engine", "online", False),  # sampling passes masks to the same model
 ])
-def test_planner_drops_the_attention_scores_where_training_packs_as_thd(transformer_impl, loss, thd):
+def test_planner_drops_the_attention_scores_where_training_packs_as_thd(transformer_impl, loss,
+                                                                        thd):
     from megatron_irl.config import TrainConfig
     from megatron_irl.planning import layer_activation_bytes, packs_as_thd
 

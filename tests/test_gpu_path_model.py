@@ -2,9 +2,9 @@
 
 Transformer Engine cannot be installed here, so its modules are stood in for. For checkpoints
 a TE layer spec differs from the local one only in modules that save ``_extra_state`` where the
-local ones save none: TE's final norm (``TENorm``). The linear layers save it in both specs, the
-layers' norms are fused into TE's linear layers under the same keys, and TE's core attention
-drops its own missing extra state on load. ``_as_te_module`` gives the local model's final norm
+local ones save none, such as TE's final norm (``TENorm``): the linear layers save it in both
+specs, and the layers' norms are fused into TE's linear layers under the same keys.
+``_as_te_module`` gives the local model's final norm
 TE's behaviour (a tensor of FP8 metadata from ``get_extra_state``, taken back by
 ``set_extra_state``). A GPU is stood in for by the meta device: building onto it shows where
 every parameter and buffer ends up.

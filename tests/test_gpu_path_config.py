@@ -1,8 +1,9 @@
-"""The GPU path's decisions, taken on this CPU machine: device requests, fusions, FP8 recipes.
+"""The GPU path's decisions, taken on this CPU machine: device requests, fusions, FP8 recipes,
+megatron-core version compatibility, the planner's FP8 and checkpoint-save terms.
 
-Each is a pure function of what a GPU node would report (CUDA present, compute capability,
-Transformer Engine's version, the launch environment), so the tests pass those values in as
-a cluster would produce them. No processes, no Megatron.
+The decisions are functions of what a GPU node would report (CUDA present, compute capability,
+Transformer Engine's version, the launch environment), so the tests pass those values in as a
+cluster would produce them (each names what it stands for). No spawned processes.
 """
 
 import re

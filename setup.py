@@ -13,7 +13,9 @@ setup(
     install_requires=[
         # A range that the local CPU wheel (2.13.0) satisfies; CPU installs pin it exactly.
         "torch>=2.4",
-        "megatron-core>=0.16.1",
+        # 0.16.1 is tested (CPU, Python 3.11); the API this package uses was checked against
+        # 0.17.1, 0.18.2 and 0.19.2 (Python 3.12); a later release is untested.
+        "megatron-core>=0.16.1,<0.20",
         "numpy",
         "pyyaml",
         "psutil",  # megatron-core's checkpoint saving needs it without declaring it

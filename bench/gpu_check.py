@@ -13,6 +13,9 @@ Parts, run in the order named, each writing ``<part>.json`` under ``--out``:
   stepped by the trainer (``build_trainable``, ``train_step``) on synthetic token ids, IRL
   (lambda 0.1), MLE (lambda 0) and Megatron's cross entropy round-robin (``tools/bench_step.py``).
   FP8 (``--fp8-format hybrid``) is skipped with the reason when Transformer Engine cannot run.
+- ``gpu-path``: the GPU path's correctness (``bench/gpu_path_check.py``): model placement and
+  dtype without TE, fusion flags, checkpoints across the local and TE specs, THD packed
+  attention against the block mask, and each FP8 recipe run or refused with the reason.
 - ``table``: every measurement against issue #9's targets in one table (``table.md``) and all
   parts' results in ``results.json``.
 
@@ -40,9 +43,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # The loss and step benchmarks are scripts in tools/ (not a package); this composes them.
-sys.path[:0] = [str(REPO), str(REPO / "tools")]
+sys.path[:0] = [str(REPO), str(REPO / "tools"), str(REPO / "bench")]
 
-PARTS = ("env", "loss", "train-bf16", "train-fp8", "table")
+from gpu_path_check import part_gpu_path  # noqa: E402  (needs the path above)
+from gpu_path_check import table_rows as gpu_path_table_rows  # noqa: E402
+
+PARTS = ("env", "loss", "train-bf16", "train-fp8", "gpu-path", "table")
 BF16_DENSE_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # SXM, without sparsity
 FP32_RTOL, BF16_GRAD_RTOL = 1e-5, 2.0**-8  # as tests/test_loss.py argues them
 TARGETS = {"loss_time_ratio": 1.05, "irl_mle_step_ratio": 1.02, "mfu_bf16": 0.40}
@@ -86,7 +92,7 @@ def part_env(args) -> dict:
 
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "megatron_core": megatron.core.__version__,
-            "device": "cpu", "transformer_engine": transformer_engine_problem(fp8=True)}
+            "device": "cpu", "transformer_engine": transformer_engine_problem(fp8_recipe="delayed")}
     try:
         import triton
         info["triton"] = triton.__version__
@@ -213,7 +219,7 @@ def part_train(args, precision: str) -> dict:
 
     flags = list(MODEL_FLAGS[args.smoke]) + ["--bf16"]
     if precision == "fp8":
-        problem = transformer_engine_problem(fp8=True)
+        problem = transformer_engine_problem(fp8_recipe="delayed")
         if problem:
             return {"skipped": problem}
         flags += ["--fp8-format", "hybrid"]
@@ -276,6 +282,9 @@ def table_rows(out: Path) -> list[tuple[str, str, str, str]]:
     ]
     for precision in ("bf16", "fp8"):
         rows.extend(_train_rows(_read(out, f"train-{precision}"), precision))
+    gpu_path = _read(out, "gpu-path")
+    rows.extend([("gpu path", _last_line(gpu_path["error"]), "", "error")] if "error" in gpu_path
+                else gpu_path_table_rows(gpu_path))
     return rows
 
 
@@ -371,6 +380,7 @@ def part_table(args) -> dict:
 def run_part(args, part: str) -> bool:
     """Run one part, write its JSON (the error's traceback if it raised); True if it ran."""
     runners = {"env": part_env, "loss": part_loss, "table": part_table,
+               "gpu-path": part_gpu_path,
                "train-bf16": lambda a: part_train(a, "bf16"),
                "train-fp8": lambda a: part_train(a, "fp8")}
     print(f"== {part}", flush=True)

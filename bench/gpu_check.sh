@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Issue #9's check on one lent H100, in one call of the device tool (about 4 minutes, at most 8):
-#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=540)
+# The GPU check (issues #9 and #18) on one lent H100, in one call of the device tool (about 5
+# minutes, at most 9):
+#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=570)
 # Every part of bench/gpu_check.py runs in its own process under a time limit, so one that
 # fails or hangs leaves the others' results. Under $OUT: log.txt, env.json, loss.json,
-# train_bf16.json, train_fp8.json, results.json (all parts) and table.md (the one table).
+# train_bf16.json, train_fp8.json, gpu_path.json, results.json (all parts) and table.md.
 #
 # `bash bench/gpu_check.sh --smoke` runs every part at tiny sizes on a CPU in one process
 # (tests/test_gpu_check.py), with $PYTHON (default python3) and $OUT (default a new temp dir).
@@ -21,8 +22,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-$(mktemp -d)}
-# Each part of bench/gpu_check.py with its time limit in seconds: 470 in all.
-LIMITS="env:40 loss:80 train-bf16:200 train-fp8:120 table:30"
+# Each part of bench/gpu_check.py with its time limit in seconds: 530 in all.
+LIMITS="env:40 loss:80 train-bf16:180 train-fp8:100 gpu-path:100 table:30"
 mkdir -p "$OUT"
 echo "results in $OUT"
 if [ "${1:-}" = --smoke ]; then

@@ -34,6 +34,10 @@ SECTIONS = ("model", "data", "parallel", "optimizer", "training", "irl", "online
             "checkpoint", "logging")
 
 
+def _field_default(cls, name: str):
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
 def _swiglu_ffn_hidden_size(hidden_size: int) -> int:
     # Megatron-LM's rule: two input projections, so 2/3 of 4h, rounded down to a multiple
     # of 64; never below 64 so that tiny test models stay valid.
@@ -148,9 +152,15 @@ class ParallelConfig(_Section):
                                            "Shard optimizer state over the data-parallel group.")
     overlap_grad_reduce: bool = _opt(False, "--overlap-grad-reduce",
                                      "Overlap the gradient reduction with the backward pass.")
+    distributed_timeout_minutes: int = _opt(
+        30, "--distributed-timeout-minutes",
+        "Timeout of the process groups' collectives: a rank that waits longer (a hung or dead "
+        "peer) fails instead of hanging the job. Megatron-Core's default (Megatron-LM's is "
+        "10), since ranks wait in a barrier while a large checkpoint is written.")
 
     def _validate(self) -> None:
-        self._require_at_least(1, "tensor_model_parallel_size", "pipeline_model_parallel_size")
+        self._require_at_least(1, "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                               "distributed_timeout_minutes")
         self._require_at_least(2, "virtual_pipeline_model_parallel_size")
         if self.virtual_pipeline_model_parallel_size is not None:
             self._require(self.pipeline_model_parallel_size > 1,
@@ -206,11 +216,26 @@ class TrainingConfig(_Section):
     fp16: bool = _opt(False, "--fp16", "Train in float16 mixed precision with loss scaling.")
     fp8_format: Literal["hybrid", "e4m3"] | None = _opt(
         None, "--fp8-format", "FP8 GEMMs through Transformer Engine (needs --bf16); unset: no FP8.")
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = _opt(
+        "delayed", "--fp8-recipe",
+        "FP8 scaling (with --fp8-format): delayed (per-tensor scales from an amax history), "
+        "tensorwise (per-tensor current scaling), blockwise (1x128/128x128 blocks; Hopper), "
+        "mxfp8 (MX block scaling; Blackwell only).")
+    fp8_param_gather: bool = _opt(
+        False, "--fp8-param-gather",
+        "Keep the GEMM weights in FP8 and all-gather them in FP8 (needs --fp8-format and "
+        "--use-distributed-optimizer); saves a bf16 weight copy per GPU.")
     fp8_amax_history_len: int = _opt(
-        1, "--fp8-amax-history-len", "Amax history length of FP8 scaling.")
+        1, "--fp8-amax-history-len",
+        "Amax history length of --fp8-recipe delayed (Megatron-LM's H100 examples: 1024).")
     fp8_amax_compute_algo: Literal["most_recent", "max"] = _opt(
         "most_recent", "--fp8-amax-compute-algo",
-        "How the FP8 scale is computed from the amax history.")
+        "How --fp8-recipe delayed computes the scale from the amax history (examples: max).")
+    device: Literal["auto", "cuda", "cpu"] = _opt(
+        "auto", "--device",
+        "auto: the GPUs when CUDA is there, else the CPU unless the launch asked for GPUs "
+        "(Slurm GPU allocation, CUDA_VISIBLE_DEVICES), which is an error; cuda: GPUs or an "
+        "error; cpu: the CPU whatever the launch asked for (only where CUDA is absent).")
     recompute_granularity: Literal["full", "selective"] | None = _opt(
         None, "--recompute-granularity", "Activation recomputation; unset: none.")
     recompute_method: Literal["uniform", "block"] | None = _opt(
@@ -235,6 +260,15 @@ class TrainingConfig(_Section):
                       f"not be combined with {self.flag('bf16')}")
         if self.fp8_format is not None:
             self._require(self.bf16, "fp8_format", f"be used with {self.flag('bf16')}")
+        else:
+            for name in ("fp8_recipe", "fp8_param_gather"):
+                self._require(getattr(self, name) == _field_default(type(self), name), name,
+                              f"be left at its default without {self.flag('fp8_format')}")
+        if self.fp8_recipe != "delayed":
+            for name in ("fp8_amax_history_len", "fp8_amax_compute_algo"):
+                self._require(getattr(self, name) == _field_default(type(self), name), name,
+                              f"be left at its default unless {self.flag('fp8_recipe')} delayed "
+                              "(the other recipes keep no amax history)")
         if self.recompute_granularity == "full":
             self._require(self.recompute_method is not None, "recompute_method",
                           f"be set with {self.flag('recompute_granularity')} full")
@@ -371,6 +405,12 @@ class TrainConfig:
                             f" (= {pp * vpp})")
             raise ConfigError(
                 f"{m.flag('num_layers')} {m.num_layers} must be divisible by {divisor}")
+        if t.fp8_format is not None and m.transformer_impl == "local":
+            raise ConfigError(f"{t.flag('fp8_format')} runs through Transformer Engine: set "
+                              f"{m.flag('transformer_impl')} transformer_engine (or auto)")
+        if t.fp8_param_gather and not p.use_distributed_optimizer:
+            raise ConfigError(f"{t.flag('fp8_param_gather')} needs "
+                              f"{p.flag('use_distributed_optimizer')} (as in Megatron-LM)")
         layers_per_chunk = m.num_layers // (pp * vpp)
         if t.recompute_num_layers is not None and t.recompute_num_layers > layers_per_chunk:
             raise ConfigError(f"{t.flag('recompute_num_layers')} {t.recompute_num_layers} must be "
@@ -417,10 +457,11 @@ class TrainConfig:
         from megatron_irl.platform import transformer_engine_problem  # imports torch
 
         if t.fp8_format is not None:
-            problem = transformer_engine_problem(fp8=True)
+            problem = transformer_engine_problem(fp8_recipe=t.fp8_recipe)
             if problem:
-                raise ConfigError(
-                    f"{t.flag('fp8_format')} {t.fp8_format} cannot run here: {problem}")
+                raise ConfigError(f"{t.flag('fp8_format')} {t.fp8_format} with "
+                                  f"{t.flag('fp8_recipe')} {t.fp8_recipe} cannot run here: "
+                                  f"{problem}")
         if self.model.transformer_impl == "transformer_engine":
             problem = transformer_engine_problem()
             if problem:

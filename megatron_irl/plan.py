@@ -251,6 +251,20 @@ def _memory_lines(cfg: TrainConfig, stages: list[StageMemory], gpu_bytes: int) -
     return lines
 
 
+def _save_lines(cfg: TrainConfig, stages: list[StageMemory], gpus_per_node: int | None
+                ) -> list[str]:
+    """The host memory a checkpoint save needs (``planning.StageMemory.save_host``)."""
+    per_gpu = max(s.save_host for s in stages)
+    if not per_gpu:
+        return ["checkpoint  saving copies tensors to the host one at a time as it writes them"]
+    node = (f", {_gib(per_gpu * gpus_per_node)} GiB per node of {gpus_per_node} GPUs"
+            if gpus_per_node else "")
+    return [f"checkpoint  saving gathers each rank's fp32 main weights and Adam moments in host "
+            f"memory (the distributed optimizer's fully reshardable format), all ranks at once: "
+            f"{_gib(per_gpu)} GiB per GPU{node}; ask Slurm for that much (sbatch --mem) on "
+            "top of the data loaders' and the model's own"]
+
+
 def format_plan(request: PlanRequest, config_label: str) -> tuple[str, bool]:
     """The report and whether the largest stage fits; raises ConfigError for a bad config."""
     cfg = request.config
@@ -273,7 +287,12 @@ def format_plan(request: PlanRequest, config_label: str) -> tuple[str, bool]:
     options = [name for name, on in (("sequence parallel", p.sequence_parallel),
                                      ("distributed optimizer", p.use_distributed_optimizer),
                                      ("fused output loss", cfg.irl.fused_output_loss)) if on]
-    precision = _weight_dtype(t) + (f" + FP8 {t.fp8_format}" if t.fp8_format else "")
+    precision = _weight_dtype(t) + (
+        f" + FP8 {t.fp8_format}, recipe {t.fp8_recipe}"
+        + (f" (amax history {t.fp8_amax_history_len}, {t.fp8_amax_compute_algo})"
+           if t.fp8_recipe == "delayed" else "")
+        + (", FP8 weights gathered in FP8" if t.fp8_param_gather else "")
+        if t.fp8_format else "")
     spec = "Transformer Engine" if planning.assumes_transformer_engine(cfg) else "local"
     lines = [
         f"{PROG}: {config_label}",
@@ -289,13 +308,16 @@ def format_plan(request: PlanRequest, config_label: str) -> tuple[str, bool]:
         f"precision   {precision}; recompute {t.recompute_granularity or 'none'}"
         + (f" ({t.recompute_method}, {t.recompute_num_layers} layers)" if t.recompute_method
            else "") + (f"; {', '.join(options)}" if options else ""),
-        f"attention   {spec} unfused attention (the block-causal mask rules out flash "
-        "attention): the scores [b, heads/TP, s, s] are materialised",
+        (f"attention   {spec}: packed documents as THD sequences (cu_seqlens) on flash / "
+         "cuDNN attention; no [s, s] scores" if planning.packs_as_thd(cfg) else
+         f"attention   {spec} unfused attention (the block-causal mask rules out flash "
+         "attention): the scores [b, heads/TP, s, s] are materialised"),
         "",
         *_layout_lines(cfg, stages, dp, padded, request.gpus_per_node),
         "",
         *_memory_lines(cfg, stages, gpu_bytes),
     ]
+    lines += ["", *_save_lines(cfg, stages, request.gpus_per_node)]
     notes += machine_notes(cfg)
     if notes:
         lines += ["", "notes:", *(f"  {note}" for note in notes)]

@@ -12,19 +12,30 @@ and MLP column; norms and row-parallel biases are replicated.
 
 Memory per GPU, in bytes, is the sum of these terms (the trainer's choices, ``training/``):
 
-* weights: the parameters in the parameter dtype (bf16: 2 bytes, else 4), except those the
-  trainer's bf16 model keeps in fp32 (``stage_fp32_parameters``);
+* weights: the parameters in the parameter dtype (bf16: 2 bytes, else 4; the trainer casts
+  every parameter, as Megatron-LM's Float16Module does); with ``--fp8-param-gather`` the
+  linear-layer weights are FP8 (1 byte);
 * gradients: Megatron-Core DDP's buffers, fp32 (``grad_reduce_in_fp32``): 4 bytes a parameter;
 * optimizer: Adam's two fp32 moments (8 bytes) plus, for bf16 weights, an fp32 main copy
   (4 bytes); the distributed optimizer divides them by the data-parallel size;
 * FP8 weight cache: Transformer Engine's FP8 copy of each linear weight and its transpose,
-  kept across micro-batches (2 bytes a linear-layer weight);
+  kept across micro-batches (2 bytes a linear-layer weight, plus one 1-byte scale per 32
+  values of each with ``--fp8-recipe mxfp8``); with ``--fp8-param-gather`` the weight is
+  that FP8 copy, so only the transpose is cached;
 * activations: what backward needs, per layer and micro-batch (``layer_activation_bytes``),
   times the micro-batches in flight at the stage's peak (``in_flight_chunks``), with the
   recomputation chosen, plus one layer's attention scores and their gradient (working set);
+  with THD packing (``packs_as_thd``) flash attention keeps no scores, only their softmax
+  statistics;
 * logits and loss (last stage, one micro-batch): the ``[tokens, V/TP]`` logits and the fp32
   softmax the loss keeps for backward; with ``--fused-output-loss`` a ``[chunk, V/TP]`` fp32
   buffer and the fp32 gradient of the ``[V/TP, h]`` output weight instead.
+
+Host memory of a checkpoint save (``save_host``): with ``--use-distributed-optimizer`` the
+checkpoint's optimizer format (``fully_reshardable``, loadable at any TP / PP / DP) gathers
+the fp32 main weights and Adam moments of the rank's model-parallel shard, i.e. its
+unsharded optimizer state, in host memory on every rank at once; without it the tensors are
+copied to the host one at a time as they are written (counted as 0).
 
 Not counted: the CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation and
 transient buffers of backward other than those above; ``plan`` keeps a margin for them.
@@ -36,11 +47,13 @@ import math
 from dataclasses import dataclass
 
 from megatron_irl.config import ConfigError, ModelConfig, TrainConfig
+from megatron_irl.config_online import SAMPLING_LOSSES
 
 GIB = 1024 ** 3
 _FP32 = 4
 _ADAM_MOMENT_BYTES = 2 * _FP32
 _FP8_WEIGHT_COPY_BYTES = 2  # e4m3 data and its transpose (Hopper GEMMs take both layouts)
+_MXFP8_BLOCK = 32  # values per 1-byte shared exponent (E8M0) of an MXFP8 tensor
 
 
 def _dtype_bytes(cfg: TrainConfig) -> int:
@@ -168,26 +181,21 @@ def assumes_transformer_engine(cfg: TrainConfig) -> bool:
     return cfg.model.transformer_impl != "local"
 
 
-def stage_fp32_parameters(cfg: TrainConfig) -> list[int]:
-    """Parameters on each stage's ranks that stay fp32 in a bf16 model.
+def fp8_weight_cache_bytes(recipe: str, linear_weights: int) -> int:
+    """Bytes of Transformer Engine's FP8 copies (data and transpose) of ``linear_weights``
+    weights: 1 byte a value each, plus MXFP8's per-32-value scales; the per-tensor (delayed,
+    tensorwise) and 128x128-block (blockwise) scales are negligible."""
+    cache = linear_weights * _FP8_WEIGHT_COPY_BYTES
+    if recipe == "mxfp8":
+        cache += -(-cache // _MXFP8_BLOCK)
+    return cache
 
-    The trainer creates its modules in the parameter dtype without Megatron-LM's
-    Float16Module cast, so modules that ignore ``params_dtype`` stay fp32: learned position
-    embeddings, and the local spec's norms (Transformer Engine's take the parameter dtype).
-    """
-    m, p = cfg.model, cfg.parallel
-    pp = p.pipeline_model_parallel_size
-    layers = pipeline_layers(m.num_layers, pp, p.virtual_pipeline_model_parallel_size)
-    norms_per_layer = 0 if assumes_transformer_engine(cfg) else 2 * _norm_parameters(m)
-    counts = []
-    for stage, chunks in enumerate(layers):
-        count = sum(len(chunk) for chunk in chunks) * norms_per_layer
-        if stage == pp - 1 and not assumes_transformer_engine(cfg):
-            count += _norm_parameters(m)
-        if stage == 0 and m.position_embedding_type == "learned_absolute":
-            count += m.max_position_embeddings * m.hidden_size
-        counts.append(count)
-    return counts
+
+def packs_as_thd(cfg: TrainConfig) -> bool:
+    """Whether training gives attention its packed rows as THD sequences (flash / cuDNN
+    attention, no ``[s, s]`` scores) rather than a block-causal mask: with Transformer
+    Engine, for the losses that do not sample (``training.model.uses_thd``)."""
+    return assumes_transformer_engine(cfg) and cfg.irl.loss not in SAMPLING_LOSSES
 
 
 @dataclass(frozen=True)
@@ -223,16 +231,21 @@ def layer_activation_bytes(cfg: TrainConfig) -> LayerActivations:
     ffn = tokens * m.ffn_hidden_size // tp
     groups = (m.num_query_groups or m.num_attention_heads) // tp
     key_value = 2 * tokens * groups * m.kv_channels  # K and V as the QKV layer gives them
-    score_elements = t.micro_batch_size * heads * m.seq_length ** 2
-    # The trainer gives attention an arbitrary (block-causal) mask, for which Transformer
-    # Engine selects neither flash nor cuDNN fused attention: the [b, heads/TP, s, s] scores
-    # exist with either spec. TE's softmax kernel keeps them in the activation dtype; the
-    # local spec's softmax runs in fp32 and keeps that result as well.
-    score_bytes = act if assumes_transformer_engine(cfg) or act == _FP32 else _FP32 + act
-    scores = score_elements * score_bytes
-    if m.attention_dropout > 0:
-        scores += score_elements * (1 + act)  # the mask and the dropped-out probabilities
-    core_attention = scores + (2 * query - key_value) * act  # + K, V repeated to every head
+    if packs_as_thd(cfg):
+        # Flash / cuDNN attention on THD sequences keeps only the softmax statistics
+        # [b, heads/TP, s] in fp32, takes grouped K/V as they are and regenerates dropout.
+        scores = t.micro_batch_size * heads * m.seq_length * _FP32
+        core_attention = scores
+    else:
+        score_elements = t.micro_batch_size * heads * m.seq_length ** 2
+        # A block-causal mask (the local spec, or sampling losses) keeps Transformer Engine
+        # off flash and cuDNN attention: the [b, heads/TP, s, s] scores exist. TE's softmax
+        # keeps them in the activation dtype; the local spec's runs in fp32 and keeps both.
+        score_bytes = act if assumes_transformer_engine(cfg) or act == _FP32 else _FP32 + act
+        scores = score_elements * score_bytes
+        if m.attention_dropout > 0:
+            scores += score_elements * (1 + act)  # the mask and the dropped-out probabilities
+        core_attention = scores + (2 * query - key_value) * act  # + K, V repeated per head
     norms_and_linear_inputs = 2 * residual * act + 2 * residual * linear_in
     attention = (query + key_value + query) * act + (query if fp8 else 0)  # Q, K, V, output
     mlp = ffn * act * (3 if m.swiglu else 1) + ffn * linear_in
@@ -316,6 +329,7 @@ class StageMemory:
     activations: int
     logits_and_loss: int
     in_flight: int  # model-chunk micro-batches held at the peak
+    save_host: int  # host memory a checkpoint save takes on this GPU's rank (all at once)
 
     def total(self, distributed_optimizer: bool) -> int:
         optimizer = self.optimizer_sharded if distributed_optimizer else self.optimizer_replicated
@@ -329,19 +343,23 @@ def estimate_memory(cfg: TrainConfig, padded_vocab: int, data_parallel: int) -> 
     tp, pp, vpp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                    p.virtual_pipeline_model_parallel_size)
     param_bytes = _dtype_bytes(cfg)
-    low_precision = param_bytes < _FP32
-    main_copy = _FP32 if low_precision else 0  # per low-precision parameter
+    main_copy = _FP32 if param_bytes < _FP32 else 0  # fp32 main weights of bf16 / fp16 ones
     num_microbatches = t.global_batch_size // (t.micro_batch_size * data_parallel)
     per_layer = layer_activation_bytes(cfg)
     residual = t.micro_batch_size * m.seq_length * m.hidden_size \
         // (tp if p.sequence_parallel else 1)
     stages = []
-    for stage, (chunks, params, fp32_params) in enumerate(zip(
-            pipeline_layers(m.num_layers, pp, vpp), stage_parameters(cfg, padded_vocab),
-            stage_fp32_parameters(cfg))):
-        fp32_params = fp32_params if low_precision else params
-        weights = (params - fp32_params) * param_bytes + fp32_params * _FP32
-        optimizer = params * _ADAM_MOMENT_BYTES + (params - fp32_params) * main_copy
+    for stage, (chunks, params) in enumerate(zip(pipeline_layers(m.num_layers, pp, vpp),
+                                                 stage_parameters(cfg, padded_vocab))):
+        layers = sum(len(chunk) for chunk in chunks)
+        linear_weights = layers * _layer_linear_weights(m, tp)
+        weights, fp8_cache = params * param_bytes, 0
+        if t.fp8_format:
+            fp8_cache = fp8_weight_cache_bytes(t.fp8_recipe, linear_weights)
+            if t.fp8_param_gather:  # the FP8 copy is the weight: 1 byte instead of bf16's 2
+                weights -= linear_weights * (param_bytes - 1)
+                fp8_cache -= linear_weights
+        optimizer = params * (_ADAM_MOMENT_BYTES + main_copy)
         in_flight = in_flight_chunks(stage, pp, vpp, num_microbatches)
         activations = (in_flight * _chunk_activations(cfg, len(chunks[0]), per_layer)
                        + _backward_working_set(cfg, per_layer))
@@ -349,13 +367,11 @@ def estimate_memory(cfg: TrainConfig, padded_vocab: int, data_parallel: int) -> 
         if stage == pp - 1:
             activations += 2 * residual * param_bytes  # final norm, output layer inputs
             logits = logits_and_loss_bytes(cfg, padded_vocab)
-        layers = sum(len(chunk) for chunk in chunks)
-        fp8_cache = (layers * _layer_linear_weights(m, tp) * _FP8_WEIGHT_COPY_BYTES
-                     if t.fp8_format else 0)
         stages.append(StageMemory(
             stage=stage, layers=chunks, parameters=params,
             weights=weights, gradients=params * _FP32,
             optimizer_sharded=-(-optimizer // data_parallel), optimizer_replicated=optimizer,
             fp8_weight_cache=fp8_cache, activations=activations, logits_and_loss=logits,
-            in_flight=in_flight))
+            in_flight=in_flight,
+            save_host=optimizer if p.use_distributed_optimizer else 0))
     return stages

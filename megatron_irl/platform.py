@@ -26,6 +26,7 @@ used: it would intercept every torch call and slows forward+backward by 25-40%.
 import contextlib
 import functools
 import importlib
+import itertools
 import logging
 import types
 from typing import Callable, Dict, Optional, Tuple
@@ -69,22 +70,98 @@ def enable_cpu_support() -> bool:
     return True
 
 
-def transformer_engine_problem(fp8: bool = False) -> str | None:
-    """None when Transformer Engine (and FP8, if ``fp8``) can run here; else what is missing.
+def transformer_engine_problem(fp8_recipe: str | None = None) -> str | None:
+    """None when Transformer Engine (and FP8 with ``fp8_recipe``, if given) can run here;
+    else what is missing.
 
     Imports transformer_engine.pytorch when CUDA is present (slow; call it once).
     """
     if not torch.cuda.is_available():
         return "Transformer Engine needs a CUDA GPU and none is visible"
     try:
+        import transformer_engine
         import transformer_engine.pytorch  # noqa: F401
     except Exception as exc:  # an ImportError, or the extension failing to load its library
         return (f"Transformer Engine's PyTorch extension does not import ({type(exc).__name__}: "
                 f"{exc}); it ships only as source that builds against CUDA, and NGC PyTorch "
                 "containers include it")
-    if fp8 and torch.cuda.get_device_capability() < (8, 9):
-        major, minor = torch.cuda.get_device_capability()
-        return f"FP8 needs a GPU of compute capability 8.9 or newer; this one is {major}.{minor}"
+    if fp8_recipe is not None:
+        return fp8_recipe_problem(fp8_recipe, torch.cuda.get_device_capability(),
+                                  transformer_engine.__version__)
+    return None
+
+
+# What each FP8 recipe needs: (oldest GPU compute capability, its architecture, oldest TE).
+FP8_RECIPE_NEEDS = {
+    "delayed": ((8, 9), "Ada or Hopper", "1.0"),
+    "tensorwise": ((8, 9), "Ada or Hopper", "2.2"),
+    "blockwise": ((9, 0), "Hopper", "2.3"),
+    "mxfp8": ((10, 0), "Blackwell", "2.1"),
+}
+
+
+def fp8_recipe_problem(recipe: str, capability: tuple[int, int], te_version: str) -> str | None:
+    """None when ``recipe`` runs on a GPU of compute ``capability`` with Transformer Engine
+    ``te_version``; else why not (megatron-core's and TE's own requirements)."""
+    minimum, architecture, oldest_te = FP8_RECIPE_NEEDS[recipe]
+    if tuple(capability) < minimum:
+        return (f"the {recipe} recipe needs a GPU of compute capability "
+                f"{minimum[0]}.{minimum[1]} or newer ({architecture}); this one is "
+                f"{capability[0]}.{capability[1]}"
+                + ("; on Hopper use --fp8-recipe tensorwise, blockwise or delayed"
+                   if recipe == "mxfp8" and tuple(capability) >= (9, 0) else ""))
+    if _version_tuple(te_version) < _version_tuple(oldest_te):
+        return (f"the {recipe} recipe needs Transformer Engine {oldest_te} or newer; "
+                f"found {te_version}")
+    return None
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    numbers = []
+    for part in version.split("+")[0].split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        numbers.append(int(digits or 0))
+    return tuple(numbers)
+
+
+# Environment variables by which a launch asks for GPUs (values that mean "none" excluded).
+_NO_GPU_VALUES = ("", "-1", "none", "NoDevFiles")
+
+
+def requested_gpus(env) -> str | None:
+    """The first environment variable in ``env`` by which the launch asked for GPUs, as
+    ``NAME=value``; None when it asked for none.
+
+    Slurm sets SLURM_GPUS_ON_NODE / SLURM_JOB_GPUS / SLURM_STEP_GPUS for a job or step with
+    a GPU allocation (--gpus, --gpus-per-node, --gres=gpu); CUDA_VISIBLE_DEVICES names the
+    devices a launcher or container runtime gave this process.
+    """
+    for name in ("SLURM_GPUS_ON_NODE", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES"):
+        value = env.get(name)
+        if value is None or value.strip() in _NO_GPU_VALUES:
+            continue
+        if name == "SLURM_GPUS_ON_NODE" and value.strip() == "0":  # a count, not a device
+            continue
+        return f"{name}={value}"
+    return None
+
+
+def device_problem(device: str, env, cuda_available: bool) -> str | None:
+    """None when the run may go ahead on ``device`` (--device auto | cuda | cpu); else why
+    not: no silent CPU run where the launch asked for GPUs and CUDA is missing."""
+    if cuda_available:
+        if device == "cpu":
+            return ("--device cpu: CUDA is available, and megatron-irl runs on the GPUs it sees; "
+                    "hide them with CUDA_VISIBLE_DEVICES= to run on the CPU")
+        return None
+    missing = ("torch.cuda.is_available() is False (a CPU-only torch build, a container "
+               "started without GPUs, or a driver problem: check nvidia-smi in the job)")
+    if device == "cuda":
+        return f"--device cuda: {missing}"
+    asked = requested_gpus(env)
+    if device == "auto" and asked:
+        return (f"the launch asked for GPUs ({asked}) but {missing}; pass --device cpu to "
+                "train on the CPU anyway")
     return None
 
 

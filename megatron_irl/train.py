@@ -26,11 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     # Imports Megatron-Core: only after the configuration is known to be valid.
     from megatron_irl.data import DataError
     from megatron_irl.training.checkpoint import CheckpointError
+    from megatron_irl.training.distributed import DeviceError
     from megatron_irl.training.loop import train
 
     try:
         train(cfg)
-    except (DataError, CheckpointError) as error:
+    except (DataError, CheckpointError, DeviceError) as error:
         print(f"megatron-irl train: error: {error}", file=sys.stderr)
         return 1
     return 0

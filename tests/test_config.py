@@ -261,13 +261,14 @@ def test_missing_input_path_names_flag(data_file, tmp_path):
         config.validate_for_world(1)
 
 
-@pytest.mark.skipif(transformer_engine_problem(fp8=True) is None, reason="FP8 can run here")
+@pytest.mark.skipif(transformer_engine_problem(fp8_recipe="delayed") is None,
+                    reason="FP8 can run here")
 def test_fp8_without_transformer_engine_says_what_is_missing(data_file):
     config = world_config(data_file, training=TrainingConfig(bf16=True, fp8_format="hybrid"))
     with pytest.raises(ConfigError) as error:
         config.validate_for_world(1)
     assert "--fp8-format hybrid" in str(error.value)
-    assert transformer_engine_problem(fp8=True) in str(error.value)
+    assert transformer_engine_problem(fp8_recipe="delayed") in str(error.value)
 
 
 @pytest.mark.skipif(transformer_engine_problem() is None, reason="Transformer Engine can run here")

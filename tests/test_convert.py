@@ -194,9 +194,8 @@ def test_bfloat16_checkpoint_loads_into_an_fp32_model(tmp_path):
     hf = make_hf_model(str(tmp_path / "hf"), "Llama", tie=True)
     import_at(str(tmp_path / "hf"), str(tmp_path / "mg"), 2, 1, dtype="bfloat16")
     with torch.no_grad():  # the weights the checkpoint holds: a bf16 Megatron model keeps
-        for name, parameter in hf.named_parameters():  # its norm weights in fp32
-            if "norm" not in name:
-                parameter.copy_(parameter.to(torch.bfloat16))
+        for parameter in hf.parameters():  # every weight in bf16, norms included (as
+            parameter.copy_(parameter.to(torch.bfloat16))  # Megatron-LM's Float16Module)
     assert_logits_match(megatron_logits(str(tmp_path / "mg"), 1, 2), hf_logits(hf))
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PART_FILES = ("env.json", "loss.json", "train_bf16.json", "train_fp8.json", "results.json",
-              "table.md")
+PART_FILES = ("env.json", "loss.json", "train_bf16.json", "train_fp8.json", "gpu_path.json",
+              "results.json", "table.md")
 
 
 @pytest.fixture(scope="module")
@@ -73,5 +73,14 @@ def test_table_reports_a_part_that_did_not_finish_instead_of_failing(tmp_path):
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
     rows = gpu_check.table_rows(tmp_path)  # no part's JSON is there
-    assert [row[3] for row in rows] == ["error", "error", "error"]
+    assert [row[3] for row in rows] == ["error", "error", "error", "error"]  # + gpu-path
     assert "loss.json missing" in rows[0][1]
+
+
+def test_gpu_path_part_checks_placement_and_says_why_te_checks_were_skipped(smoke_run):
+    gpu_path = _results(smoke_run[0])["gpu_path"]
+    assert gpu_path["placement"]["passed"], gpu_path["placement"]
+    assert set(gpu_path["fusions"]) == {"local", "transformer_engine"}
+    for name in ("checkpoints", "thd"):  # Transformer Engine cannot run on this CPU
+        assert "Transformer Engine" in gpu_path[name]["skipped"]
+    assert set(gpu_path["fp8_recipes"]) == {"delayed", "tensorwise", "blockwise", "mxfp8"}

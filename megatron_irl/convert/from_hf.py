@@ -132,7 +132,7 @@ def import_checkpoint(plan: ImportPlan, output_dir: str) -> str:
                                           tokenizer_path(plan.hf_dir, output_dir))}}
     cfg = TrainConfig.from_dict(config)
     with torch.device("meta"):
-        chunks = build_model_chunks(cfg, plan.tokenizer_vocab_size)
+        chunks = build_model_chunks(cfg, plan.tokenizer_vocab_size, device=torch.device("meta"))
     reader = SafetensorsReader(plan.hf_dir)
     dims = Dims(cfg.model.num_attention_heads, cfg.model.num_query_groups or
                 cfg.model.num_attention_heads, cfg.model.kv_channels, plan.hf_vocab_size,

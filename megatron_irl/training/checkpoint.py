@@ -71,6 +71,7 @@ from megatron.core.optimizer import DistributedOptimizer
 from megatron.core.utils import unwrap_model
 
 from megatron_irl.config import ModelConfig
+from megatron_irl.training.extra_state import load_across_specs
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +227,9 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, scheduler
 
     Raises:
         CheckpointError: no checkpoint under ``load_dir``, an incomplete one, one whose
-            model architecture differs from ``model_chunks[0]`` (names the fields), or
+            model architecture differs from ``model_chunks[0]`` (names the fields), one
+            that lacks a weight or other entry the run needs (extra state that the other
+            layer spec does not save is initialised instead: ``extra_state.py``), or
             optimizer state that megatron-core cannot load into ``optimizer`` (the
             distributed optimizer on torch Adam).
 
@@ -250,7 +253,16 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, scheduler
     if restore_rng:
         sharded_state.update(_rng_sharded_state_dict())
 
-    loaded = dist_checkpointing.load(sharded_state, directory)
+    result = load_across_specs(sharded_state, directory, dict(zip(model_state, models)))
+    if result.missing:
+        raise CheckpointError(
+            f"checkpoint {directory} lacks {len(result.missing)} entries this run needs: "
+            f"{', '.join(result.missing[:8])}{' ...' if len(result.missing) > 8 else ''}")
+    if result.initialised_extra_state and dist.get_rank() == 0:
+        log.info("%s was saved with another layer spec: %d extra-state entries (e.g. %s) keep "
+                 "their initial values", directory, len(result.initialised_extra_state),
+                 result.initialised_extra_state[0])
+    loaded = result.state
 
     for key, model in zip(model_state, models):
         model.load_state_dict(loaded[key])

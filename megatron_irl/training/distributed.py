@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
 
@@ -12,7 +13,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_irl.config import ParallelConfig
-from megatron_irl.platform import enable_cpu_support
+from megatron_irl.platform import device_problem, enable_cpu_support
 
 
 def launch_environment(env=os.environ) -> tuple[int, int, int]:
@@ -24,12 +25,21 @@ def launch_environment(env=os.environ) -> tuple[int, int, int]:
     return 0, 1, 0
 
 
-def init_distributed(parallel: ParallelConfig, seed: int) -> None:
+class DeviceError(RuntimeError):
+    """The run cannot use the device it asked for (``--device``, or the launch's GPUs)."""
+
+
+def init_distributed(parallel: ParallelConfig, seed: int, device: str = "auto") -> None:
     """Join the default process group (NCCL on GPUs, gloo on CPUs) and Megatron's groups.
 
     MASTER_ADDR / MASTER_PORT come from the launcher (torchrun, or the Slurm batch script);
-    a single process needs neither.
+    a single process needs neither. ``device`` is --device: a launch that asked for GPUs
+    (``platform.requested_gpus``) where CUDA is missing raises DeviceError rather than
+    falling back to the CPU.
     """
+    problem = device_problem(device, os.environ, torch.cuda.is_available())
+    if problem:
+        raise DeviceError(problem)
     rank, world_size, local_rank = launch_environment()
     if torch.cuda.is_available():
         # Modulo: tasks bound to one GPU each see it as device 0.
@@ -38,14 +48,17 @@ def init_distributed(parallel: ParallelConfig, seed: int) -> None:
     else:
         enable_cpu_support()
         backend = "gloo"
+    timeout = datetime.timedelta(minutes=parallel.distributed_timeout_minutes)
     if world_size == 1:  # no rendezvous, so no port to collide with other jobs' on the host
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
     else:
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        distributed_timeout_minutes=parallel.distributed_timeout_minutes,
     )
     seed_everything(seed)
 

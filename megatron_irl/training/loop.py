@@ -31,6 +31,7 @@ from megatron_irl.data import (
     block_causal_attention_mask,
     load_tokenizer,
 )
+from megatron_irl.data.packed_attention import thd_packed_seq_params
 from megatron_irl.training.checkpoint import (
     TrainingState,
     iteration_dir,
@@ -43,36 +44,65 @@ from megatron_irl.training.distributed import (
     shutdown_distributed,
 )
 from megatron_irl.training.logger import TrainingLogger
-from megatron_irl.training.model import build_model_chunks, wrap_data_parallel
+from megatron_irl.training.model import (
+    HiddenStatesAndWeight,
+    build_model_chunks,
+    uses_thd,
+    wrap_data_parallel,
+)
 from megatron_irl.training.objective import Objective, metric_means
 from megatron_irl.training.online import OnlineTraining
 from megatron_irl.training.optimizer import build_optimizer, build_scheduler
 from megatron_irl.training.signals import install_stop_handlers, stop_signal_received
 
 
-def forward_step(data_iterator, model, objective: Objective):
-    """Megatron's forward-step contract: the stage's output and the loss function for it."""
+def forward_step(data_iterator, model, objective: Objective, thd: bool = False):
+    """Megatron's forward-step contract: the stage's output and the loss function for it.
+
+    ``thd`` (``uses_thd``): the micro-batch's rows go in as one THD sequence of ``b * s``
+    tokens with ``PackedSeqParams``, and the loss gets the output back as ``[b, s, ...]``;
+    otherwise with the block-causal mask.
+    """
     batch = next(data_iterator)
     if torch.cuda.is_available():
         batch = {name: tensor.cuda(non_blocking=True) for name, tensor in batch.items()}
+    if thd:
+        b, s = batch["tokens"].shape
+        output = model(batch["tokens"].reshape(1, b * s), batch["position_ids"].reshape(1, b * s),
+                       None, packed_seq_params=thd_packed_seq_params(batch["document_ids"]))
+        return output, partial(_loss_on_rows, objective=objective, batch=batch, rows=b)
     attention_mask = block_causal_attention_mask(batch["document_ids"])  # [b, 1, s, s]
     output = model(batch["tokens"], batch["position_ids"], attention_mask)  # logits [b, s, v/tp]
     return output, partial(objective, batch=batch)
 
 
+def rows_of_flattened_output(output, rows: int):
+    """The last stage's output for a THD micro-batch (``[1, b*s, ...]`` logits, or
+    HiddenStatesAndWeight) as ``[b, s, ...]``, the layout of the batch's fields."""
+    if isinstance(output, HiddenStatesAndWeight):
+        return output._replace(hidden=output.hidden.reshape(rows, -1, output.hidden.shape[-1]))
+    return output.reshape(rows, -1, output.shape[-1])
+
+
+def _loss_on_rows(output, objective: Objective, batch: dict, rows: int):
+    return objective(rows_of_flattened_output(output, rows), batch=batch)
+
+
 def _run_schedule(model, micro_batches, objective, cfg: TrainConfig, forward_only: bool):
     """Metric sums over this rank's micro-batches, all-reduced over data parallelism
     (a ``[len(METRICS)]`` tensor on the last pipeline stage, None elsewhere)."""
+    thd = uses_thd(cfg)
+    rows = micro_batches[0]["tokens"].shape[0]  # --micro-batch-size, plus online policy rows
     per_micro_batch = get_forward_backward_func()(
-        forward_step_func=partial(forward_step, objective=objective),
+        forward_step_func=partial(forward_step, objective=objective, thd=thd),
         # Interleaving gives each model chunk its own pass over the micro-batches.
         data_iterator=[iter(micro_batches) for _ in model] if len(model) > 1
         else iter(micro_batches),
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(micro_batches),
-        seq_length=cfg.model.seq_length,
-        # --micro-batch-size rows, plus the policy rows of --irl-loss online / gail.
-        micro_batch_size=micro_batches[0]["tokens"].shape[0],
+        # The activations between pipeline stages: [s, rows, h], or one THD sequence.
+        seq_length=cfg.model.seq_length * (rows if thd else 1),
+        micro_batch_size=1 if thd else rows,
         forward_only=forward_only,
     )
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
@@ -162,7 +192,7 @@ class Trainable:
 
 def build_trainable(cfg: TrainConfig, vocab_size: int) -> Trainable:
     """The model, Megatron-Core's optimizer and scheduler, and the schedule's hooks."""
-    chunks = build_model_chunks(cfg, vocab_size)
+    chunks = build_model_chunks(cfg, vocab_size, thd=uses_thd(cfg))
     model = wrap_data_parallel(cfg, chunks)
     optimizer = build_optimizer(cfg, model)
     config = chunks[0].config
@@ -196,7 +226,7 @@ def _restore(cfg: TrainConfig, trainable: Trainable, log: TrainingLogger) -> Tra
 def train(cfg: TrainConfig) -> TrainingState:
     """Run (or resume) the training job described by ``cfg``; returns the final state."""
     install_stop_handlers()  # idempotent; ``megatron_irl.train`` installs them earlier still
-    init_distributed(cfg.parallel, cfg.training.seed)
+    init_distributed(cfg.parallel, cfg.training.seed, cfg.training.device)
     try:
         with TrainingLogger(cfg.logging, cfg.training.train_iters, is_logging_rank()) as log:
             tokenizer, train_batches, eval_batches = _setup_data(cfg, log)

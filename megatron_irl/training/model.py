@@ -2,8 +2,11 @@
 
 The layer spec is Transformer Engine's when TE is importable on a GPU (or asked for with
 ``--transformer-impl transformer_engine``), Megatron-Core's local spec otherwise. Packed rows
-hold several documents, so attention always takes the block-causal mask the data gives
-(``AttnMaskType.arbitrary``) rather than the built-in causal one.
+hold several documents: training with TE feeds them to attention as THD sequences with
+cu_seqlens (``uses_thd``, ``data/packed_attention.py``); otherwise attention takes the
+block-causal mask the data gives (``AttnMaskType.arbitrary``). The model is placed on the
+rank's device in the precision's dtype (``place_model``); fusions are on where their kernels
+exist (``fusion_settings``).
 
 With ``--fused-output-loss`` the chunks are ``HiddenStatesGPTModel``: the last stage skips the
 output layer's matmul and returns the final hidden states with the output weight, which the
@@ -13,6 +16,7 @@ Parameters, state dicts and checkpoints are GPTModel's, unchanged.
 
 from __future__ import annotations
 
+import importlib
 from typing import NamedTuple
 
 import torch
@@ -26,6 +30,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_irl.config import TrainConfig
+from megatron_irl.config_online import SAMPLING_LOSSES
 from megatron_irl.planning import padded_vocab_size
 from megatron_irl.platform import transformer_engine_problem
 
@@ -51,8 +56,11 @@ def transformer_config(cfg: TrainConfig) -> TransformerConfig:
     if training.fp8_format is not None:
         fp8 = dict(
             fp8=training.fp8_format,
+            fp8_recipe=training.fp8_recipe,
             fp8_amax_history_len=training.fp8_amax_history_len,
             fp8_amax_compute_algo=training.fp8_amax_compute_algo,
+            # Megatron-LM's --fp8-param-gather: TE creates the GEMM weights in FP8.
+            fp8_param=training.fp8_param_gather,
         )
     return TransformerConfig(
         num_layers=model.num_layers,
@@ -91,15 +99,56 @@ def transformer_config(cfg: TrainConfig) -> TransformerConfig:
         recompute_num_layers=training.recompute_num_layers,
         # CPU runs need CPU-side init; on GPU Megatron initialises each shard on its device.
         use_cpu_initialization=not on_gpu,
-        # Fusions need CUDA kernels (TE/Apex); the block-causal mask rules out the causal one.
-        masked_softmax_fusion=False,
-        bias_activation_fusion=False,
-        gradient_accumulation_fusion=False,
+        **fusion_settings(
+            on_gpu, uses_transformer_engine(cfg),
+            softmax_kernel=on_gpu and cuda_extension_importable("scaled_masked_softmax_cuda"),
+            weight_grad_kernel=on_gpu and cuda_extension_importable(
+                "fused_weight_gradient_mlp_cuda"),
+            fusable_activation=model.swiglu or model.add_bias_linear),
         **fp8,
     )
 
 
-def layer_spec(cfg: TrainConfig) -> ModuleSpec:
+def cuda_extension_importable(name: str) -> bool:
+    """Whether a CUDA extension module (Apex's fused kernels) imports."""
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+def fusion_settings(on_gpu: bool, transformer_engine: bool, *, softmax_kernel: bool,
+                    weight_grad_kernel: bool, fusable_activation: bool) -> dict:
+    """Megatron-LM's fusion defaults where their kernels exist, off on CPUs.
+
+    The masked-softmax fusion (the local spec's unfused attention; TE has its own softmax)
+    needs Apex's ``scaled_masked_softmax_cuda``; the bias-activation fusion is a fused torch
+    function, needing only CUDA and SwiGLU or a bias (Megatron-LM turns it off for a bias-free
+    GeLU MLP, which has nothing to fuse); gradient accumulation fusion writes weight gradients
+    straight into the fp32 main-grad buffers with TE's GEMMs, or Apex's
+    ``fused_weight_gradient_mlp_cuda`` for the local layers.
+    """
+    return dict(
+        masked_softmax_fusion=on_gpu and softmax_kernel,
+        bias_activation_fusion=on_gpu and fusable_activation,
+        gradient_accumulation_fusion=on_gpu and (transformer_engine or weight_grad_kernel),
+    )
+
+
+def uses_thd(cfg: TrainConfig) -> bool:
+    """Whether training feeds packed rows to attention as THD sequences (``PackedSeqParams``
+    with cu_seqlens: TE's flash / cuDNN attention) instead of the block-causal mask.
+
+    With Transformer Engine, for the losses that do not sample: the sampling losses
+    (online, gail) also generate with the training model, which passes masks.
+    """
+    return uses_transformer_engine(cfg) and cfg.irl.loss not in SAMPLING_LOSSES
+
+
+def layer_spec(cfg: TrainConfig, thd: bool = False) -> ModuleSpec:
+    """The layer spec; attention takes the data's block-causal mask (``arbitrary``), or with
+    ``thd`` the causal mask within each cu_seqlens segment (TE: padding_causal)."""
     if uses_transformer_engine(cfg):
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
@@ -110,7 +159,8 @@ def layer_spec(cfg: TrainConfig) -> ModuleSpec:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
         spec = get_gpt_layer_local_spec(normalization=cfg.model.normalization)
-    spec.submodules.self_attention.params["attn_mask_type"] = AttnMaskType.arbitrary
+    spec.submodules.self_attention.params["attn_mask_type"] = (
+        AttnMaskType.causal if thd else AttnMaskType.arbitrary)
     return spec
 
 
@@ -121,26 +171,36 @@ class HiddenStatesAndWeight(NamedTuple):
     weight: torch.Tensor  # [v/tp, h] this rank's output weight (the embedding's when tied)
 
 
+# GPTModel._postprocess arguments that ask for something other than the logits' inputs.
+UNSUPPORTED_POSTPROCESS_ARGUMENTS = ("labels", "inference_context", "is_spec_decode",
+                                     "output_processor")
+
+
 class HiddenStatesGPTModel(GPTModel):
     """GPTModel whose last pipeline stage returns ``HiddenStatesAndWeight``, not logits.
 
-    Only ``_postprocess`` (megatron-core 0.16.1), the step after the decoder's final norm, is
-    replaced, and only on the last stage: GPTModel there would call ``self.output_layer(hidden,
+    Only ``_postprocess``, the step after the decoder's final norm, is replaced, and only on
+    the last stage (megatron-core 0.16-0.19 call it with keyword arguments only; 0.17 added
+    ``is_spec_decode``, 0.18 ``padding_mask`` and ``output_processor``, which this accepts
+    through ``**kwargs``): GPTModel there would call ``self.output_layer(hidden,
     weight=output_weight)``; this returns the hidden states in the batch-major layout of the
     labels and the weight that call would have used, so the loss can run the output layer
     itself. With sequence parallelism the ``[s/tp, b, h]`` hidden states are all-gathered first
     as the output layer does, but with a backward that splits the gradient (instead of a
     reduce-scatter): the fused loss returns it already summed over the TP group.
-    Multi-token prediction, labels passed to the model and inference are not supported.
+    Multi-token prediction, labels passed to the model, inference and output processors
+    (speculative decoding, megatron-core 0.18's ``output_processor``) are not supported.
     """
 
     def _postprocess(self, hidden_states, **kwargs):
         if not self.post_process:
             return super()._postprocess(hidden_states, **kwargs)
-        if self.mtp_process or kwargs.get("labels") is not None \
-                or kwargs.get("inference_context") is not None:
-            raise NotImplementedError("--fused-output-loss supports training and evaluation "
-                                      "without multi-token prediction, labels or inference")
+        asked = [name for name in UNSUPPORTED_POSTPROCESS_ARGUMENTS
+                 if kwargs.get(name) is not None and kwargs.get(name) is not False]
+        if self.mtp_process or asked:
+            raise NotImplementedError(
+                "--fused-output-loss supports training and evaluation without multi-token "
+                f"prediction, labels, inference or output processors (got {asked or 'MTP'})")
         if self.config.sequence_parallel:
             hidden_states = gather_from_sequence_parallel_region(
                 hidden_states, tensor_parallel_output_grad=False, group=self.pg_collection.tp
@@ -150,10 +210,35 @@ class HiddenStatesGPTModel(GPTModel):
         return HiddenStatesAndWeight(hidden_states.transpose(0, 1).contiguous(), weight)
 
 
-def build_model_chunks(cfg: TrainConfig, vocab_size: int) -> list[GPTModel]:
-    """This rank's model: one GPTModel per virtual pipeline stage (one without interleaving)."""
+def target_device() -> torch.device:
+    """Where this rank's model lives: its GPU (set by ``init_distributed``), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def place_model(chunk: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move every parameter and buffer of ``chunk`` to ``device`` and, with --bf16 / --fp16,
+    cast the floating-point ones to ``dtype`` (in place).
+
+    What Megatron-LM's ``get_model`` does with ``.cuda()`` and ``Float16Module``: layers that
+    Megatron builds through plain torch (the local spec's ``WrappedTorchNorm``) take neither
+    the device nor ``params_dtype``.
+    """
+    chunk.to(device=device)
+    if dtype != torch.float32:
+        chunk.to(dtype=dtype)
+
+
+def build_model_chunks(cfg: TrainConfig, vocab_size: int, device: torch.device | None = None,
+                       thd: bool = False) -> list[GPTModel]:
+    """This rank's model: one GPTModel per virtual pipeline stage (one without interleaving),
+    every parameter and buffer on ``device`` (default: ``target_device()``) in the dtype of
+    --bf16 / --fp16 (float32 otherwise). ``thd``: attention for THD inputs (``uses_thd``);
+    otherwise for block-causal masks (inference, the local spec)."""
+    device = device or target_device()
     config = transformer_config(cfg)
-    spec = layer_spec(cfg)
+    spec = layer_spec(cfg, thd)
     padded = padded_vocab_size(
         vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size
     )
@@ -175,6 +260,7 @@ def build_model_chunks(cfg: TrainConfig, vocab_size: int) -> list[GPTModel]:
             rotary_base=cfg.model.rotary_base,
             vp_stage=vp,
         ))
+        place_model(chunks[-1], device, config.params_dtype)
     return chunks
 
 

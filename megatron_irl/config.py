@@ -224,10 +224,15 @@ class TrainingConfig(_Section):
     exit_interval: int | None = _opt(
         None, "--exit-interval",
         "Save (with --save) and exit after a step whose number is a multiple of this.")
+    max_nonfinite_steps: int = _opt(
+        3, "--max-nonfinite-steps",
+        "Stop the run (exit status 1, no save) after this many steps in a row whose loss or "
+        "gradient norm is not finite; each such step is skipped (no update) and counted.")
 
     def _validate(self) -> None:
         self._require_at_least(1, "micro_batch_size", "global_batch_size", "train_iters",
-                               "fp8_amax_history_len", "eval_interval", "eval_iters")
+                               "fp8_amax_history_len", "eval_interval", "eval_iters",
+                               "max_nonfinite_steps")
         if self.exit_interval is not None:
             self._require_at_least(1, "exit_interval")
         self._require_at_least(0, "seed")

@@ -27,10 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_irl.data import DataError
     from megatron_irl.training.checkpoint import CheckpointError
     from megatron_irl.training.loop import train
+    from megatron_irl.training.nonfinite import NonFiniteTrainingError
 
     try:
         train(cfg)
-    except (DataError, CheckpointError) as error:
+    except (DataError, CheckpointError, NonFiniteTrainingError) as error:
         print(f"megatron-irl train: error: {error}", file=sys.stderr)
         return 1
     return 0

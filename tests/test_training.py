@@ -220,3 +220,72 @@ def test_fp16_skips_overflowing_steps_and_lowers_the_loss_scale(tmp_path):
     assert steps[0]["skipped"] == 1
     assert scales == sorted(scales, reverse=True) and scales[-1] < 2.0**32
     assert all(math.isfinite(step["loss"]) for step in steps)
+
+
+def _checkpoint_weights(directory: Path) -> dict:
+    """The model tensors of a saved iteration, read without a process group."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    merged = directory.parent / f"{directory.name}.pt"
+    dcp_to_torch_save(str(directory), str(merged))
+    state = torch.load(merged, weights_only=False)
+    return {key: value for key, value in state.items()
+            if isinstance(value, torch.Tensor) and not key.startswith(("optimizer", "rng_state"))}
+
+
+@pytest.fixture(scope="module")
+def poisoned_pipeline_run(tmp_path_factory):
+    """PP=2, a checkpoint every step, NaN losses in steps 2, 3 and 5..7 (3 in a row stop it)."""
+    tmp_path = tmp_path_factory.mktemp("poisoned")
+    metrics, save = tmp_path / "metrics.jsonl", tmp_path / "ckpt"
+    command = _command(2, [*SHORT_RUN, "--train-iters", "10", "--save", str(save),
+                           "--save-interval", "1", "--metrics-file", str(metrics),
+                           "--pipeline-model-parallel-size", "2", "--max-nonfinite-steps", "3"])
+    command[command.index("-m", 3):command.index("-m", 3) + 2] = [
+        str(REPO / "tests" / "train_with_poisoned_steps.py")]
+    result = subprocess.run(command, cwd=REPO, env={**_env(), "POISONED_STEPS": "2,3,5,6,7"},
+                            capture_output=True, text=True, timeout=600)
+    steps = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return result, [step for step in steps if step["split"] == "train"], save
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(poisoned_pipeline_run):
+    result, steps, _ = poisoned_pipeline_run
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert ("megatron-irl train: error: steps 5..7 all had a non-finite loss or gradient norm"
+            in result.stderr)
+    assert "--max-nonfinite-steps 3" in result.stderr
+    assert [step["iteration"] for step in steps] == [1, 2, 3, 4, 5, 6, 7]
+    assert [step["skipped"] for step in steps] == [0, 1, 1, 0, 1, 1, 1]
+    assert [step["nonfinite_steps"] for step in steps] == [0, 1, 2, 2, 3, 4, 5]
+    assert [math.isfinite(step["loss"]) for step in steps] == [
+        True, False, False, True, False, False, False]
+    # The scheduler advances on updates only: step 4 trains with step 2's learning rate.
+    assert steps[3]["lr"] == steps[1]["lr"] != steps[0]["lr"]
+
+
+def test_skipped_steps_leave_every_pipeline_stage_unchanged(poisoned_pipeline_run):
+    _, _, save = poisoned_pipeline_run
+    after_1, after_3, after_4 = (_checkpoint_weights(save / f"iter_{i:07d}") for i in (1, 3, 4))
+    # The first stage's embedding, the last one's output layer, and both stages' layers
+    # (stacked: layer 0 on stage 0, layer 1 on stage 1).
+    assert {"embedding.word_embeddings.weight", "output_layer.weight"} <= after_1.keys()
+    assert after_1["decoder.layers.mlp.linear_fc1.weight"].shape[0] == 2
+    for name, weight in after_1.items():
+        assert torch_equal(after_3[name], weight), name
+    assert any(not torch_equal(after_4[name], weight) for name, weight in after_1.items())
+
+
+def test_nonfinite_stop_saves_nothing_and_leaves_the_marker(poisoned_pipeline_run):
+    _, _, save = poisoned_pipeline_run
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "6\n"
+    assert not (save / "iter_0000007").exists()
+    for weight in _checkpoint_weights(save / "iter_0000006").values():
+        assert bool(weight.isfinite().all())
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)

@@ -91,6 +91,8 @@ class TrainingLogger:
                 + f"| grad norm {scalars['grad_norm']:.3f} "
                 + (f"| loss scale {scalars['loss_scale']:.1f} | skipped "
                    f"{scalars['skipped']:.0f} " if "loss_scale" in scalars else "")
+                + (f"| non-finite steps {scalars['nonfinite_steps']:.0f} "
+                   if scalars.get("nonfinite_steps") else "")
                 + _columns(scalars, _SAMPLING_COLUMNS)
                 + f"| tokens/s {tokens_per_second:,.0f} "
                 f"| elapsed {_format_duration(elapsed)} | eta {_format_duration(eta)}"

@@ -180,6 +180,11 @@ class OptimizerConfig(_Section):
         "linear", "--lr-decay-style", "Learning-rate decay after the warm-up.")
     lr_decay_iters: int | None = _opt(
         None, "--lr-decay-iters", "Iterations over which the rate decays; unset: --train-iters.")
+    use_checkpoint_opt_param_scheduler: bool = _opt(
+        False, "--use-checkpoint-opt_param-scheduler",
+        "On resume, keep the checkpoint's learning-rate schedule (--lr, --min-lr, warm-up, "
+        "decay) instead of this run's flags (the default, Megatron-LM's "
+        "--override-opt_param-scheduler).")
 
     def _validate(self) -> None:
         self._require(self.lr > 0, "lr", "be > 0")

@@ -120,13 +120,42 @@ def test_loss_falls_on_the_tiny_set(tmp_path):
     assert steps[-1]["nll"] < steps[0]["nll"]
 
 
-def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, six_step_losses):
+@pytest.fixture(scope="module")
+def first_half_checkpoint(tmp_path_factory) -> str:
+    """The checkpoint at step 3 of a 6-step run (stopped by --exit-interval)."""
+    tmp_path = tmp_path_factory.mktemp("first_half")
     run_train(tmp_path, 1, "--train-iters", "6", "--exit-interval", "3", name="first_half",
               save=True)
+    return str(tmp_path / "first_half_ckpt")
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, six_step_losses,
+                                                         first_half_checkpoint):
     resumed = losses(run_train(tmp_path, 1, "--train-iters", "6", "--load",
-                               str(tmp_path / "first_half_ckpt"), name="second_half"))
+                               first_half_checkpoint, name="second_half"))
     assert list(resumed) == [4, 5, 6]
     assert_same_losses(resumed, {i: six_step_losses[i] for i in (4, 5, 6)})
+
+
+def _cosine_lr(max_lr: float, min_lr: float, step: int, warmup: int = 1, decay: int = 6) -> float:
+    """Megatron's cosine schedule (in steps): the learning rate step ``step + 1`` trains with."""
+    ratio = (step - warmup) / (decay - warmup)
+    return min_lr + 0.5 * (math.cos(math.pi * ratio) + 1) * (max_lr - min_lr)
+
+
+def test_resume_applies_the_current_lr_and_min_lr(tmp_path, first_half_checkpoint):
+    # The tiny configuration: --lr 3e-3 --min-lr 3e-4, cosine; the checkpoint is at step 3.
+    resumed = run_train(tmp_path, 1, "--train-iters", "6", "--load", first_half_checkpoint,
+                        "--lr", "6e-3", "--min-lr", "1e-4", name="new_lr")
+    assert [step["lr"] for step in resumed] == pytest.approx(
+        [_cosine_lr(6e-3, 1e-4, step) for step in (3, 4, 5)], rel=1e-6)
+
+
+def test_use_checkpoint_opt_param_scheduler_keeps_the_saved_lr(tmp_path, first_half_checkpoint):
+    resumed = run_train(tmp_path, 1, "--train-iters", "6", "--load", first_half_checkpoint,
+                        "--lr", "6e-3", "--use-checkpoint-opt_param-scheduler", name="kept_lr")
+    assert [step["lr"] for step in resumed] == pytest.approx(
+        [_cosine_lr(3e-3, 3e-4, step) for step in (3, 4, 5)], rel=1e-6)
 
 
 def test_tensor_parallel_checkpoint_resumes_at_tp1(tmp_path, six_step_losses):

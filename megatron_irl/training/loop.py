@@ -52,7 +52,14 @@ from megatron_irl.training.nonfinite import (
 )
 from megatron_irl.training.objective import Objective, metric_means
 from megatron_irl.training.online import OnlineTraining
-from megatron_irl.training.optimizer import build_optimizer, build_scheduler
+from megatron_irl.training.optimizer import (
+    SCHEDULE_FIELDS,
+    apply_current_schedule,
+    build_optimizer,
+    build_scheduler,
+    lr_bounds,
+    schedule_changes,
+)
 from megatron_irl.training.signals import install_stop_handlers, stop_signal_received
 
 
@@ -189,16 +196,30 @@ def _restore(cfg: TrainConfig, trainable: Trainable, log: TrainingLogger) -> Tra
     if not cfg.checkpoint.load:
         return fresh
     ckpt = cfg.checkpoint
+    current_bounds = lr_bounds(trainable.optimizer)
+    load_optimizer = not (ckpt.no_load_optim or ckpt.finetune)
     state = load_checkpoint(
         ckpt.load, trainable.chunks, trainable.optimizer, trainable.scheduler,
-        load_optimizer=not (ckpt.no_load_optim or ckpt.finetune),
+        load_optimizer=load_optimizer,
         load_rng=not (ckpt.no_load_rng or ckpt.finetune),
     )
     log.info(f"loaded checkpoint {ckpt.load} at iteration {state.iteration}"
              + (" (weights only: --finetune)" if ckpt.finetune else ""))
     if ckpt.finetune:
         return fresh
+    changes = schedule_changes(state.config, cfg)
+    keep_checkpoint = cfg.optimizer.use_checkpoint_opt_param_scheduler
+    if not keep_checkpoint:
+        apply_current_schedule(trainable.optimizer, trainable.scheduler, current_bounds)
+    if changes and load_optimizer:
+        log.info("learning-rate schedule differs from the checkpoint's: " + ", ".join(changes)
+                 + ("; keeping the checkpoint's (--use-checkpoint-opt_param-scheduler)"
+                    if keep_checkpoint else "; this run's values apply"))
+    saved_optimizer = state.config.get("optimizer", {})
     state.config = cfg.to_dict()
+    if keep_checkpoint and load_optimizer:  # the saved config.yaml tells what applies
+        state.config["optimizer"].update({name: saved_optimizer[name] for name in SCHEDULE_FIELDS
+                                          if name in saved_optimizer})
     return state
 
 

@@ -316,9 +316,22 @@ class CheckpointConfig(_Section):
     no_load_rng: bool = _opt(
         False, "--no-load-rng", "Do not load the random-number-generator state.")
     finetune: bool = _opt(False, "--finetune", "Load the weights only; start at iteration 0.")
+    ckpt_step: int | None = _opt(
+        None, "--ckpt-step",
+        "Load this iteration of --load (its iter_<N> directory); unset: the latest complete one.")
+    keep_last_checkpoints: int | None = _opt(
+        None, "--keep-last-checkpoints",
+        "After each save, delete the checkpoints older than the newest this-many complete "
+        "ones (the newest complete one is never deleted); unset: keep all.")
 
     def _validate(self) -> None:
-        self._require_at_least(1, "save_interval")
+        self._require_at_least(1, "save_interval", "keep_last_checkpoints")
+        self._require_at_least(0, "ckpt_step")
+        if self.ckpt_step is not None:
+            self._require(self.load is not None, "ckpt_step", f"come with {self.flag('load')}")
+        if self.keep_last_checkpoints is not None:
+            self._require(self.save is not None, "keep_last_checkpoints",
+                          f"come with {self.flag('save')}")
         if self.save_interval is not None:
             self._require(self.save is not None, "save_interval", f"come with {self.flag('save')}")
         if self.finetune:

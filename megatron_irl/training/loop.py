@@ -202,6 +202,7 @@ def _restore(cfg: TrainConfig, trainable: Trainable, log: TrainingLogger) -> Tra
         ckpt.load, trainable.chunks, trainable.optimizer, trainable.scheduler,
         load_optimizer=load_optimizer,
         load_rng=not (ckpt.no_load_rng or ckpt.finetune),
+        ckpt_step=ckpt.ckpt_step,
     )
     log.info(f"loaded checkpoint {ckpt.load} at iteration {state.iteration}"
              + (" (weights only: --finetune)" if ckpt.finetune else ""))
@@ -314,6 +315,7 @@ def _save(cfg: TrainConfig, trainable: Trainable, state: TrainingState, log,
             f"the weights at iteration {state.iteration} hold non-finite values: not saving "
             f"them (the latest checkpoint stays as it was); resume from it with a lower --lr")
     save_checkpoint(cfg.checkpoint.save, state, trainable.chunks, trainable.optimizer,
-                    trainable.scheduler, write_extra=online.save if online else None)
+                    trainable.scheduler, write_extra=online.save if online else None,
+                    keep_last=cfg.checkpoint.keep_last_checkpoints)
     log.info(f"saved checkpoint at iteration {state.iteration} to {cfg.checkpoint.save}")
     return state.iteration

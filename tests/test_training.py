@@ -137,6 +137,15 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, six_step_loss
     assert_same_losses(resumed, {i: six_step_losses[i] for i in (4, 5, 6)})
 
 
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(first_half_checkpoint):
+    result = subprocess.run(
+        _command(1, [*SHORT_RUN, "--train-iters", "3", "--load", first_half_checkpoint]),
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert ("nothing to train: the checkpoint is at iteration 3 and --train-iters is 3"
+            in result.stdout)
+
+
 def _cosine_lr(max_lr: float, min_lr: float, step: int, warmup: int = 1, decay: int = 6) -> float:
     """Megatron's cosine schedule (in steps): the learning rate step ``step + 1`` trains with."""
     ratio = (step - warmup) / (decay - warmup)

@@ -50,7 +50,7 @@ class EvalOptions(InferenceOptions):
     top_p: float = 1.0
     beam_size: tuple[int, ...] = ()  # beam searches, one response per prompt each
     length_penalty: float = 1.0
-    max_new_tokens: int = 128
+    max_new_tokens: int | None = None  # unset: the positions the longest prompt leaves
     answer_pattern: str | None = None  # unset: GSM8k's "#### <number>"
 
     def __post_init__(self) -> None:
@@ -60,7 +60,8 @@ class EvalOptions(InferenceOptions):
         _require(self.top_k >= 0, "top_k", "be >= 0 (0: off)")
         _require(0 < self.top_p <= 1, "top_p", "be in (0, 1]")
         _require(all(b >= 1 for b in self.beam_size), "beam_size", "be >= 1")
-        _require(self.max_new_tokens >= 1, "max_new_tokens", "be >= 1")
+        _require(self.max_new_tokens is None or self.max_new_tokens >= 1, "max_new_tokens",
+                 "be >= 1")
         _require(self.temperature or self.beam_size, "temperature",
                  "list at least one value, or give --beam-size")
 
@@ -99,7 +100,8 @@ _HELP = {
     "top_k": "sample from the k most likely tokens only; 0: off",
     "top_p": "sample from the smallest set of tokens with this probability; 1: off",
     "length_penalty": "beam search ranks hypotheses by log-prob / length**this",
-    "max_new_tokens": "longest response, in tokens (EOS included)",
+    "max_new_tokens": "longest response, in tokens (EOS included); unset: all the model's "
+                      "positions that the longest prompt leaves",
     "limit": "use the first N records only",
     "output_dir": "where report.json, samples.jsonl and the plot go",
     "samples": "samples per prompt at each temperature (Self-BLEU needs >= 2)",

@@ -262,6 +262,10 @@ def _train_loop(cfg: TrainConfig, trainable: Trainable, state: TrainingState,
     tokens_per_step = cfg.training.global_batch_size * cfg.model.seq_length
     last_saved = state.iteration if cfg.checkpoint.load else None
     nonfinite_steps = NonFiniteSteps(cfg.training.max_nonfinite_steps)
+    if state.iteration >= cfg.training.train_iters:
+        log.info(f"nothing to train: the checkpoint is at iteration {state.iteration} and "
+                 f"--train-iters is {cfg.training.train_iters}; raise --train-iters to train on")
+        return state
     log.begin(state.iteration)
     while state.iteration < cfg.training.train_iters:
         start = time.monotonic()

@@ -148,3 +148,11 @@ def test_prompt_longer_than_the_model_names_its_line(tiny_checkpoint, tmp_path):
     assert result.returncode == 1
     assert f"{data}:2: the prompt has" in result.stderr
     assert "exceeds the model's 128 positions" in result.stderr
+
+
+def test_ckpt_step_without_that_checkpoint_names_the_usable_one(tiny_checkpoint, tmp_path):
+    result = _run("megatron_irl.evaluate", "--load", tiny_checkpoint, "--data", str(VALID),
+                  "--ckpt-step", "5", "--output-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert ("(iteration 5, chosen by --ckpt-step 5) is unusable: the directory does not exist; "
+            "the newest usable checkpoint is iteration 0" in result.stderr)

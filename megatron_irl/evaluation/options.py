@@ -23,6 +23,7 @@ class InferenceOptions:
 
     load: str
     data: str
+    ckpt_step: int | None = None  # unset: the latest complete checkpoint
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     tokenizer_model: str | None = None  # unset: the checkpoint's --tokenizer-model
@@ -36,6 +37,7 @@ class InferenceOptions:
                      "micro_batch_size"):
             _require(getattr(self, name) >= 1, name, "be >= 1")
         _require(self.limit is None or self.limit >= 1, "limit", "be >= 1")
+        _require(self.ckpt_step is None or self.ckpt_step >= 0, "ckpt_step", "be >= 0")
         _require(self.seed >= 0, "seed", "be >= 0")
 
 
@@ -91,6 +93,7 @@ def _require(condition: bool, name: str, what: str) -> None:
 _HELP = {
     "load": "checkpoint directory (a --save directory of megatron-irl train)",
     "data": "JSONL records: prompt/response or messages",
+    "ckpt_step": "load this iteration of --load; unset: the latest complete one",
     "tokenizer_model": "tokenizer; unset: the one the checkpoint was trained with",
     "tensor_model_parallel_size": "tensor-parallel size to run the model at",
     "pipeline_model_parallel_size": "pipeline stages to run the model at",

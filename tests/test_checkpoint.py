@@ -48,6 +48,7 @@ from megatron_irl.training.checkpoint import (
     save_checkpoint,
 )
 from megatron_irl.training.checkpoint_files import choose_iteration, remove_old_checkpoints
+from megatron_irl.training.nonfinite import weights_are_finite
 
 WORLD_SIZE = 2
 VOCAB = 128
@@ -454,6 +455,15 @@ def _saved_twice(root, keep_last):
                         chunks, optimizer, scheduler, keep_last=keep_last)
 
 
+def _weights_finite_before_and_after_one_nan_on_rank_1():
+    chunks, _, _ = _build_training()
+    before = weights_are_finite(chunks)
+    if dist.get_rank() == 1:
+        with torch.no_grad():
+            next(chunks[0].parameters()).view(-1)[0] = float("nan")
+    return before, weights_are_finite(chunks)
+
+
 def _load_damaged(root, ckpt_step):
     chunks, optimizer, scheduler = _build_training()
     return load_checkpoint(root, chunks, optimizer, scheduler, ckpt_step=ckpt_step).iteration
@@ -728,6 +738,11 @@ def test_load_into_a_different_hidden_size_names_the_differing_fields(round_trip
     assert "hidden_size (--hidden-size): checkpoint 64, this run 128" in message
     assert "ffn_hidden_size (--ffn-hidden-size): checkpoint 256, this run 512" in message
     assert "num_layers" not in message
+
+
+def test_one_nan_weight_on_one_rank_is_seen_by_every_rank_before_a_save():
+    assert run_distributed(_weights_finite_before_and_after_one_nan_on_rank_1, WORLD_SIZE) == [
+        (True, False), (True, False)]
 
 
 def test_latest_iteration_is_none_without_a_marker(tmp_path):

@@ -98,6 +98,5 @@ class NonFiniteSteps:
 
 def weights_are_finite(model_chunks: list) -> bool:
     """Whether every parameter on every rank is finite (one all-reduce, world group)."""
-    local = all(bool(torch.isfinite(param).all())
-                for chunk in model_chunks for param in chunk.parameters())
-    return all_ranks_true(local)
+    checks = [torch.isfinite(param).all() for chunk in model_chunks for param in chunk.parameters()]
+    return all_ranks_true(bool(torch.stack(checks).all()) if checks else True)  # one sync

@@ -280,8 +280,8 @@ def poisoned_pipeline_run(tmp_path_factory):
     command = _command(2, [*SHORT_RUN, "--train-iters", "10", "--save", str(save),
                            "--save-interval", "1", "--metrics-file", str(metrics),
                            "--pipeline-model-parallel-size", "2", "--max-nonfinite-steps", "3"])
-    command[command.index("-m", 3):command.index("-m", 3) + 2] = [
-        str(REPO / "tests" / "train_with_poisoned_steps.py")]
+    module = command.index("megatron_irl.train")  # run the poisoning script instead
+    command[module - 1:module + 1] = [str(REPO / "tests" / "train_with_poisoned_steps.py")]
     result = subprocess.run(command, cwd=REPO, env={**_env(), "POISONED_STEPS": "2,3,5,6,7"},
                             capture_output=True, text=True, timeout=600)
     steps = [json.loads(line) for line in metrics.read_text().splitlines()]
@@ -304,6 +304,8 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(poisoned_pipeline_
 
 
 def test_skipped_steps_leave_every_pipeline_stage_unchanged(poisoned_pipeline_run):
+    import torch
+
     _, _, save = poisoned_pipeline_run
     after_1, after_3, after_4 = (_checkpoint_weights(save / f"iter_{i:07d}") for i in (1, 3, 4))
     # The first stage's embedding, the last one's output layer, and both stages' layers
@@ -311,8 +313,8 @@ def test_skipped_steps_leave_every_pipeline_stage_unchanged(poisoned_pipeline_ru
     assert {"embedding.word_embeddings.weight", "output_layer.weight"} <= after_1.keys()
     assert after_1["decoder.layers.mlp.linear_fc1.weight"].shape[0] == 2
     for name, weight in after_1.items():
-        assert torch_equal(after_3[name], weight), name
-    assert any(not torch_equal(after_4[name], weight) for name, weight in after_1.items())
+        assert torch.equal(after_3[name], weight), name
+    assert any(not torch.equal(after_4[name], weight) for name, weight in after_1.items())
 
 
 def test_nonfinite_stop_saves_nothing_and_leaves_the_marker(poisoned_pipeline_run):
@@ -321,9 +323,3 @@ def test_nonfinite_stop_saves_nothing_and_leaves_the_marker(poisoned_pipeline_ru
     assert not (save / "iter_0000007").exists()
     for weight in _checkpoint_weights(save / "iter_0000006").values():
         assert bool(weight.isfinite().all())
-
-
-def torch_equal(a, b) -> bool:
-    import torch
-
-    return torch.equal(a, b)

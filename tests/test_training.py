@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,6 +145,23 @@ def test_resuming_a_finished_run_says_there_is_nothing_to_train(first_half_check
     assert result.returncode == 0, result.stderr[-4000:]
     assert ("nothing to train: the checkpoint is at iteration 3 and --train-iters is 3"
             in result.stdout)
+
+
+def test_damaged_checkpoint_stops_the_run_with_a_message_naming_the_file(
+        tmp_path, first_half_checkpoint):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(first_half_checkpoint, damaged)
+    common = damaged / "iter_0000003" / "common.pt"
+    common.write_bytes(common.read_bytes()[:100])
+    result = subprocess.run(
+        _command(1, [*SHORT_RUN, "--train-iters", "6", "--load", str(damaged)]),
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    assert (f"megatron-irl train: error: checkpoint {damaged}/iter_0000003 (iteration 3, chosen "
+            f"by latest_checkpointed_iteration.txt) is unusable: common.pt: 100 bytes"
+            in result.stderr)
+    assert "no other checkpoint under" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def _cosine_lr(max_lr: float, min_lr: float, step: int, warmup: int = 1, decay: int = 6) -> float:

@@ -149,7 +149,11 @@ def remove_old_checkpoints(root: str, keep_last: int) -> list[str]:
     for iteration in candidates:
         if iteration < oldest_kept:
             directory = iteration_dir(root, iteration)
-            shutil.rmtree(directory)
+            try:
+                shutil.rmtree(directory)
+            except OSError as error:  # the new checkpoint is saved: do not fail the save
+                log.warning("could not remove %s: %s", directory, error)
+                continue
             removed.append(directory)
     return removed
 

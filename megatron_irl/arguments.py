@@ -169,6 +169,23 @@ def build_parser(prog: str = "megatron-irl") -> argparse.ArgumentParser:
     return parser
 
 
+# A negative number such as -1e-3, which argparse (before Python 3.14) takes for a flag.
+_NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|-inf|-nan", re.IGNORECASE)
+
+
+def _attach_negative_numbers(argv: Sequence[str]) -> list[str]:
+    """``--flag -1e-3`` as ``--flag=-1e-3``, so that argparse passes the value on to the
+    config's validation (whose message names the flag) instead of reporting a missing one."""
+    joined: list[str] = []
+    for arg in argv:
+        if (joined and joined[-1].startswith("--") and "=" not in joined[-1]
+                and _NEGATIVE_NUMBER.fullmatch(arg)):
+            joined[-1] += "=" + arg
+        else:
+            joined.append(arg)
+    return joined
+
+
 def _unknown_argument_error(leftover: str) -> ConfigError:
     if leftover.startswith("-"):
         flag = leftover.split("=", 1)[0]
@@ -198,7 +215,7 @@ def load_train_config(argv: Sequence[str], prog: str = "megatron-irl") -> TrainC
     (``megatron-irl plan``). Raises ConfigError; ``--help`` raises SystemExit(0).
     """
     parser = build_parser(prog)
-    namespace, leftovers = parser.parse_known_args(list(argv))
+    namespace, leftovers = parser.parse_known_args(_attach_negative_numbers(argv))
     if leftovers:
         raise _unknown_argument_error(leftovers[0])
     overrides = vars(namespace)

@@ -190,6 +190,11 @@ class OptimizerConfig(_Section):
         "linear", "--lr-decay-style", "Learning-rate decay after the warm-up.")
     lr_decay_iters: int | None = _opt(
         None, "--lr-decay-iters", "Iterations over which the rate decays; unset: --train-iters.")
+    use_checkpoint_opt_param_scheduler: bool = _opt(
+        False, "--use-checkpoint-opt_param-scheduler",
+        "On resume, keep the checkpoint's learning-rate schedule (--lr, --min-lr, warm-up, "
+        "decay) instead of this run's flags (the default, Megatron-LM's "
+        "--override-opt_param-scheduler).")
 
     def _validate(self) -> None:
         self._require(self.lr > 0, "lr", "be > 0")
@@ -249,10 +254,15 @@ class TrainingConfig(_Section):
     exit_interval: int | None = _opt(
         None, "--exit-interval",
         "Save (with --save) and exit after a step whose number is a multiple of this.")
+    max_nonfinite_steps: int = _opt(
+        3, "--max-nonfinite-steps",
+        "Stop the run (exit status 1, no save) after this many steps in a row whose loss or "
+        "gradient norm is not finite; each such step is skipped (no update) and counted.")
 
     def _validate(self) -> None:
         self._require_at_least(1, "micro_batch_size", "global_batch_size", "train_iters",
-                               "fp8_amax_history_len", "eval_interval", "eval_iters")
+                               "fp8_amax_history_len", "eval_interval", "eval_iters",
+                               "max_nonfinite_steps")
         if self.exit_interval is not None:
             self._require_at_least(1, "exit_interval")
         self._require_at_least(0, "seed")
@@ -340,9 +350,22 @@ class CheckpointConfig(_Section):
     no_load_rng: bool = _opt(
         False, "--no-load-rng", "Do not load the random-number-generator state.")
     finetune: bool = _opt(False, "--finetune", "Load the weights only; start at iteration 0.")
+    ckpt_step: int | None = _opt(
+        None, "--ckpt-step",
+        "Load this iteration of --load (its iter_<N> directory); unset: the latest complete one.")
+    keep_last_checkpoints: int | None = _opt(
+        None, "--keep-last-checkpoints",
+        "After each save, delete the checkpoints older than the newest this-many complete "
+        "ones (the newest complete one is never deleted); unset: keep all.")
 
     def _validate(self) -> None:
-        self._require_at_least(1, "save_interval")
+        self._require_at_least(1, "save_interval", "keep_last_checkpoints")
+        self._require_at_least(0, "ckpt_step")
+        if self.ckpt_step is not None:
+            self._require(self.load is not None, "ckpt_step", f"come with {self.flag('load')}")
+        if self.keep_last_checkpoints is not None:
+            self._require(self.save is not None, "keep_last_checkpoints",
+                          f"come with {self.flag('save')}")
         if self.save_interval is not None:
             self._require(self.save is not None, "save_interval", f"come with {self.flag('save')}")
         if self.finetune:

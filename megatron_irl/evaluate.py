@@ -13,6 +13,7 @@ torchrun or srun; data-parallel replicas split the prompts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -98,7 +99,7 @@ def _write_outputs(options: EvalOptions, session, settings: list[dict], samples:
 
 def evaluate(options: EvalOptions) -> None:
     from megatron_irl.evaluation.generation import Generator
-    from megatron_irl.evaluation.inputs import read_eval_prompts
+    from megatron_irl.evaluation.inputs import read_eval_prompts, response_budget
     from megatron_irl.evaluation.report import score_setting
     from megatron_irl.evaluation.session import inference_session
     from tqdm import tqdm
@@ -109,6 +110,8 @@ def evaluate(options: EvalOptions) -> None:
     with inference_session(options, read_inputs) as session:
         prompts, data_report = session.inputs
         model_cfg = session.config.model
+        options = dataclasses.replace(options, max_new_tokens=response_budget(
+            prompts, options.data, model_cfg.max_position_embeddings, options.max_new_tokens))
         generator = Generator(session.model, session.tokenizer.vocab_size,
                               session.tokenizer.eos_id, model_cfg.max_position_embeddings,
                               session.pipeline_group)

@@ -28,10 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_irl.training.checkpoint import CheckpointError
     from megatron_irl.training.distributed import DeviceError
     from megatron_irl.training.loop import train
+    from megatron_irl.training.nonfinite import NonFiniteTrainingError
 
     try:
         train(cfg)
-    except (DataError, CheckpointError, DeviceError) as error:
+    except (DataError, CheckpointError, DeviceError, NonFiniteTrainingError) as error:
         print(f"megatron-irl train: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -4,16 +4,18 @@ Each scenario builds what the trainer builds: a tiny GPTModel (local spec, 2 lay
 hidden 64, 4 heads, vocab 128, seq 16) in Megatron's DistributedDataParallel, fp32 Adam
 from ``get_megatron_optimizer`` and an ``OptimizerParamScheduler``. Scenarios run in the
 spawned workers of ``run_distributed``; a module-scoped fixture runs each once and the
-tests assert one behaviour each on its results. The kill test forks a one-rank process
-(``_killed_save_main``) and SIGKILLs it between the shards and the marker of a save.
+tests assert one behaviour each on its results. The kill tests fork one-rank processes
+(``_train_and_save_main``) that SIGKILL themselves at a chosen point of a save, then resume
+in another (``_resume_main``) and compare the losses with an uninterrupted run's.
 """
 
+import json
 import multiprocessing
 import os
 import random
 import re
+import shutil
 import signal
-import time
 
 import numpy as np
 import pytest
@@ -35,6 +37,8 @@ from megatron.core.transformer import TransformerConfig
 
 from megatron_irl.platform import enable_cpu_support
 from megatron_irl.testing import run_distributed
+from megatron_irl.training import checkpoint as checkpoint_module
+from megatron_irl.training import checkpoint_files
 from megatron_irl.training.checkpoint import (
     CheckpointError,
     TrainingState,
@@ -43,6 +47,8 @@ from megatron_irl.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from megatron_irl.training.checkpoint_files import choose_iteration, remove_old_checkpoints
+from megatron_irl.training.nonfinite import weights_are_finite
 
 WORLD_SIZE = 2
 VOCAB = 128
@@ -334,30 +340,133 @@ def _load_iteration(directory, hidden_size=64):
     return load_checkpoint(directory, chunks, optimizer, scheduler).iteration
 
 
-def _killed_save_main(directory, ready_path, store_path):
-    """The killed process (a world of one rank): save iteration 1, then write the shards
-    of iteration 2, create ``ready_path`` and wait to be killed."""
-    os.setsid()  # a session of its own, which the test kills as a whole
+def _start_one_rank_world(store_path):
+    """A world of one rank in a forked process, leading a session of its own (so that a
+    kill of its process group takes dist_checkpointing's helper processes along)."""
+    os.setsid()
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=0, world_size=1)
     enable_cpu_support()
     parallel_state.initialize_model_parallel()
     tensor_parallel.model_parallel_cuda_manual_seed(1)
+
+
+def _kill_this_process_group():
+    os.killpg(0, signal.SIGKILL)
+
+
+def _arm_kill_point(kill_point):
+    """Patch the save path so that this process is SIGKILLed at ``kill_point``."""
+    real_save, real_write = dist_checkpointing.save, checkpoint_module.write_file_synced
+    real_manifest = checkpoint_module.write_manifest
+    real_marker_write = checkpoint_files.write_file_synced
+    real_replace = checkpoint_module.replace_file_atomically
+
+    def save(*args, **kwargs):
+        if kill_point == "before the shards":
+            _kill_this_process_group()
+        real_save(*args, **kwargs)
+        if kill_point == "in a shard":
+            # Emulates a kill in the middle of writing a shard: the file system then holds a
+            # shard cut short, as here, and no later file of the save.
+            shard = os.path.join(args[1], "__0_0.distcp")
+            os.truncate(shard, os.path.getsize(shard) // 2)
+            _kill_this_process_group()
+        if kill_point == "after the shards":
+            _kill_this_process_group()
+
+    def write(path, text):
+        real_write(path, text)
+        if kill_point == "after training_state.json" and path.endswith("training_state.json"):
+            _kill_this_process_group()
+
+    def write_manifest(directory):
+        real_manifest(directory)
+        if kill_point == "after the manifest":
+            _kill_this_process_group()
+
+    def write_marker(path, text):
+        real_marker_write(path, text)
+        if kill_point == "before the marker's rename" and path.endswith(".tmp"):
+            _kill_this_process_group()
+
+    def replace(path, text):
+        real_replace(path, text)
+        if kill_point == "after the marker moved":
+            _kill_this_process_group()
+
+    dist_checkpointing.save = save
+    checkpoint_module.replace_file_atomically = replace
+    checkpoint_module.write_file_synced = write
+    checkpoint_module.write_manifest = write_manifest
+    checkpoint_files.write_file_synced = write_marker
+
+
+def _train_and_save_main(directory, store_path, kill_point, losses_path):
+    """Train steps 1..4 (dropout 0), saving after steps 1 and 2; with ``kill_point`` the
+    save of step 2 is killed there. Writes {step: loss} to ``losses_path`` as it goes."""
+    _start_one_rank_world(store_path)
+    chunks, optimizer, scheduler = _build_training(dropout=0.0)
+    losses = {}
+    for iteration in (1, 2, 3, 4):
+        losses[iteration] = _train_step(chunks, optimizer, scheduler, iteration)
+        with open(losses_path, "w") as file:
+            json.dump(losses, file)
+        if iteration <= 2:
+            if iteration == 2 and kill_point is not None:
+                _arm_kill_point(kill_point)
+            save_checkpoint(directory, TrainingState(iteration, iteration * GLOBAL_BATCH, CONFIG),
+                            chunks, optimizer, scheduler)
+
+
+def _resume_main(directory, store_path, result_path):
+    """Load the checkpoint the marker names, train on to step 4; writes the loaded
+    iteration and {step: loss} to ``result_path``."""
+    _start_one_rank_world(store_path)
+    chunks, optimizer, scheduler = _build_training(dropout=0.0)
+    state = load_checkpoint(directory, chunks, optimizer, scheduler)
+    losses = {iteration: _train_step(chunks, optimizer, scheduler, iteration)
+              for iteration in range(state.iteration + 1, 5)}
+    with open(result_path, "w") as file:
+        json.dump({"loaded": state.iteration, "losses": losses}, file)
+
+
+def _run_forked(target, *args):
+    """Run ``target(*args)`` in a forked process (this one has torch and Megatron imported
+    already; a fresh interpreter would spend seconds importing them); its exit code."""
+    process = multiprocessing.get_context("fork").Process(target=target, args=args)
+    process.start()
+    process.join(timeout=300)
+    if process.is_alive():
+        os.killpg(process.pid, signal.SIGKILL)
+        process.join()
+        raise TimeoutError(f"{target.__name__} did not finish in 300 s")
+    return process.exitcode
+
+
+def _saved_twice(root, keep_last):
+    """Save iterations 1, 2 (and 3) of one model under ``root``."""
     chunks, optimizer, scheduler = _build_training()
     _train_step(chunks, optimizer, scheduler, 1)
-    save_checkpoint(directory, TrainingState(1, GLOBAL_BATCH, CONFIG), chunks, optimizer, scheduler)
+    for iteration in (1, 2, 3):
+        if iteration == 3 and keep_last is None:
+            break
+        save_checkpoint(root, TrainingState(iteration, iteration * GLOBAL_BATCH, CONFIG),
+                        chunks, optimizer, scheduler, keep_last=keep_last)
 
-    real_save = dist_checkpointing.save
 
-    def save_then_wait_for_kill(*args, **kwargs):
-        real_save(*args, **kwargs)
-        open(ready_path, "w").close()
-        time.sleep(300)
+def _weights_finite_before_and_after_one_nan_on_rank_1():
+    chunks, _, _ = _build_training()
+    before = weights_are_finite(chunks)
+    if dist.get_rank() == 1:
+        with torch.no_grad():
+            next(chunks[0].parameters()).view(-1)[0] = float("nan")
+    return before, weights_are_finite(chunks)
 
-    dist_checkpointing.save = save_then_wait_for_kill
-    _train_step(chunks, optimizer, scheduler, 2)
-    save_checkpoint(directory, TrainingState(2, 2 * GLOBAL_BATCH, CONFIG),
-                    chunks, optimizer, scheduler)
+
+def _load_damaged(root, ckpt_step):
+    chunks, optimizer, scheduler = _build_training()
+    return load_checkpoint(root, chunks, optimizer, scheduler, ckpt_step=ckpt_step).iteration
 
 
 # ---------------------------------------------------------------------------- tests
@@ -518,26 +627,102 @@ def test_distributed_optimizer_on_torch_adam_loads_only_without_its_optimizer_st
         assert result["weights_loaded"]
 
 
-def test_save_killed_before_its_marker_leaves_the_previous_checkpoint_loadable(tmp_path):
-    directory, ready = tmp_path / "checkpoints", tmp_path / "shards-written"
-    # Forked: this process has torch and Megatron imported already (a fresh interpreter
-    # would spend seconds importing them again) and has no session of its own.
-    process = multiprocessing.get_context("fork").Process(
-        target=_killed_save_main, args=(str(directory), str(ready), str(tmp_path / "store")))
-    process.start()
-    try:
-        deadline = time.monotonic() + 300  # generous: a loaded 2-core machine is slow
-        while not ready.exists():
-            assert process.is_alive(), f"the saving process exited with {process.exitcode}"
-            assert time.monotonic() < deadline, "the saving process wrote no shards in 300 s"
-            time.sleep(0.05)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)  # with dist_checkpointing's helper processes
-        process.join()
+@pytest.fixture(scope="module")
+def uninterrupted_losses(tmp_path_factory):
+    """{step: loss} of steps 1..4 of the run that the killed saves interrupt."""
+    tmp_path = tmp_path_factory.mktemp("uninterrupted")
+    assert _run_forked(_train_and_save_main, str(tmp_path / "ckpt"), str(tmp_path / "store"),
+                       None, str(tmp_path / "losses.json")) == 0
+    return json.loads((tmp_path / "losses.json").read_text())
 
-    assert os.path.exists(os.path.join(iteration_dir(str(directory), 2), ".metadata"))
-    assert latest_iteration(str(directory)) == 1
-    assert run_distributed(_load_iteration, WORLD_SIZE, args=(str(directory),)) == [1, 1]
+
+@pytest.mark.parametrize("kill_point, resumed_from", [
+    ("before the shards", 1), ("in a shard", 1), ("after the shards", 1),
+    ("after training_state.json", 1), ("after the manifest", 1),
+    ("before the marker's rename", 1), ("after the marker moved", 2)])
+def test_save_killed_at_any_point_resumes_from_a_complete_checkpoint_with_the_same_losses(
+        tmp_path, uninterrupted_losses, kill_point, resumed_from):
+    directory = str(tmp_path / "ckpt")
+    exit_code = _run_forked(_train_and_save_main, directory, str(tmp_path / "store"),
+                            kill_point, str(tmp_path / "losses.json"))
+    assert exit_code == -signal.SIGKILL
+    assert latest_iteration(directory) == resumed_from
+    assert _run_forked(_resume_main, directory, str(tmp_path / "store2"),
+                       str(tmp_path / "resumed.json")) == 0
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed["loaded"] == resumed_from
+    assert resumed["losses"] == {step: uninterrupted_losses[step]
+                                 for step in resumed["losses"]}
+    assert list(resumed["losses"]) == [str(step) for step in range(resumed_from + 1, 5)]
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """Iterations 1 and 2 saved at two ranks (two shard files), and the same with a third
+    saved under --keep-last-checkpoints 2."""
+    root = tmp_path_factory.mktemp("two_checkpoints")
+    run_distributed(_saved_twice, WORLD_SIZE, args=(str(root / "all"), None))
+    run_distributed(_saved_twice, WORLD_SIZE, args=(str(root / "keep2"), 2))
+    return root
+
+
+def _damaged_copy(two_checkpoints, tmp_path, file_name):
+    """A copy of the two checkpoints with ``file_name`` of iteration 2 cut in half."""
+    root = tmp_path / "damaged"
+    shutil.copytree(two_checkpoints / "all", root)
+    path = root / "iter_0000002" / file_name
+    os.truncate(path, os.path.getsize(path) // 2)
+    return str(root)
+
+
+@pytest.mark.parametrize("file_name", ["__1_0.distcp", ".metadata", "common.pt",
+                                       "training_state.json"])
+def test_damaged_latest_checkpoint_names_iteration_file_and_fallback(
+        two_checkpoints, tmp_path, file_name):
+    root = _damaged_copy(two_checkpoints, tmp_path, file_name)
+    with pytest.raises(CheckpointError) as raised:
+        choose_iteration(root)
+    message = str(raised.value)
+    assert f"{iteration_dir(root, 2)} (iteration 2" in message
+    assert f"unusable: {file_name}: " in message
+    assert "the newest usable checkpoint is iteration 1: load it with --ckpt-step 1" in message
+
+
+def test_save_writes_a_manifest_of_every_file_and_its_size(two_checkpoints):
+    directory = two_checkpoints / "all" / "iter_0000002"
+    manifest = json.loads((directory / "manifest.json").read_text())["files"]
+    on_disk = {path.name: path.stat().st_size for path in directory.iterdir()
+               if path.name != "manifest.json"}
+    assert manifest == on_disk
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "common.pt",
+            "training_state.json"} <= manifest.keys()
+
+
+def test_load_of_a_damaged_checkpoint_raises_on_every_rank_and_ckpt_step_loads_another(
+        two_checkpoints, tmp_path):
+    root = _damaged_copy(two_checkpoints, tmp_path, "common.pt")
+    with pytest.raises(CheckpointError, match="--ckpt-step 1"):
+        run_distributed(_load_damaged, WORLD_SIZE, args=(root, None))
+    assert run_distributed(_load_damaged, WORLD_SIZE, args=(root, 1)) == [1, 1]
+
+
+def test_ckpt_step_of_a_missing_iteration_names_the_newest_usable_one(two_checkpoints):
+    with pytest.raises(CheckpointError, match=r"iteration 7, chosen by --ckpt-step 7\) is "
+                       r"unusable: the directory does not exist; the newest usable "
+                       r"checkpoint is iteration 2"):
+        choose_iteration(str(two_checkpoints / "all"), 7)
+
+
+def test_keep_last_checkpoints_deletes_only_older_ones(two_checkpoints):
+    root = two_checkpoints / "keep2"
+    assert sorted(os.listdir(root)) == ["iter_0000002", "iter_0000003",
+                                        "latest_checkpointed_iteration.txt"]
+
+
+def test_keep_last_never_deletes_the_newest_usable_checkpoint(two_checkpoints, tmp_path):
+    root = _damaged_copy(two_checkpoints, tmp_path, "common.pt")  # 2 is marked but damaged
+    assert remove_old_checkpoints(root, keep_last=1) == []
+    assert sorted(os.listdir(root))[:2] == ["iter_0000001", "iter_0000002"]
 
 
 def test_load_without_a_checkpoint_names_the_load_flag_and_directory(tmp_path):
@@ -553,6 +738,11 @@ def test_load_into_a_different_hidden_size_names_the_differing_fields(round_trip
     assert "hidden_size (--hidden-size): checkpoint 64, this run 128" in message
     assert "ffn_hidden_size (--ffn-hidden-size): checkpoint 256, this run 512" in message
     assert "num_layers" not in message
+
+
+def test_one_nan_weight_on_one_rank_is_seen_by_every_rank_before_a_save():
+    assert run_distributed(_weights_finite_before_and_after_one_nan_on_rank_1, WORLD_SIZE) == [
+        (True, False), (True, False)]
 
 
 def test_latest_iteration_is_none_without_a_marker(tmp_path):

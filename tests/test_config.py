@@ -404,3 +404,9 @@ def test_help_lists_flags_grouped_by_section_with_defaults(capsys):
 def test_parser_only_holds_given_flags():
     namespace = build_parser().parse_args(["--lr", "0.5"])
     assert vars(namespace) == {"optimizer.lr": 0.5}
+
+
+@pytest.mark.parametrize("value", ["-1e-3", "-0.5", "-2"])
+def test_negative_number_reaches_the_validation_message(data_file, value):
+    with pytest.raises(ConfigError, match=r"--lr -[\d.e-]+: must be > 0"):
+        parse(["--lr", value], data_file)

@@ -136,3 +136,16 @@ def test_report_counts_every_problem_with_first_examples(tmp_path):
     assert "7 x empty response" in text and f"{path}:5, ..." in text
     dropped = "1 x prompt leaves no response token within seq_length positions: dropped"
     assert f"{dropped} (e.g. {path}:8)" in text
+
+
+def test_line_cut_short_is_reported_at_its_end(tmp_path):
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p", "resp\n')
+    with pytest.raises(DataError, match=re.escape(
+            f"{path}:2: malformed JSON at column 17: Unterminated string starting at")):
+        dataset(path)
+    path.write_text('{"prompt": "p", "response": "r"\n')
+    with pytest.raises(DataError, match=re.escape(
+            f"{path}:1: malformed JSON at column 32 (the end of the line: the record is cut "
+            "short): Expecting ',' delimiter")):
+        dataset(path)

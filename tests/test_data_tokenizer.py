@@ -94,3 +94,11 @@ def test_corrupt_sentencepiece_model_raises(tmp_path):
     (tmp_path / "bad.model").write_bytes(b"not a model")
     with pytest.raises(DataError, match="not a loadable sentencepiece model"):
         load_tokenizer(str(tmp_path / "bad.model"))
+
+
+def test_truncated_tokenizer_json_names_the_file(tmp_path):
+    directory = hf_dir(tmp_path, config={"eos_token": "</s>"})
+    path = tmp_path / "tokenizer.json"
+    path.write_text(path.read_text()[:40])
+    with pytest.raises(DataError, match=f"{path}: not a readable tokenizer"):
+        load_tokenizer(directory)

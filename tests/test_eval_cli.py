@@ -122,3 +122,37 @@ def test_plot_tradeoff_combines_the_reports_of_several_runs(evaluated, tmp_path)
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "2 points" in result.stdout and output.read_bytes().startswith(b"\x89PNG")
+
+
+def test_eval_default_response_length_fits_the_checkpoints_positions(tiny_checkpoint, tmp_path):
+    result = _run("megatron_irl.evaluate", "--load", tiny_checkpoint, "--data", str(VALID),
+                  "--limit", "1", "--temperature", "0", "--progress-bar", "off",
+                  "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-4000:]
+    from inference_helpers import tiny_tokenizer
+
+    from megatron_irl.evaluation.inputs import read_eval_prompts
+
+    report = json.loads((tmp_path / "report.json").read_text())
+    (prompt,), _ = read_eval_prompts(str(VALID), tiny_tokenizer(), limit=1)
+    assert report["max_new_tokens"] == 128 - len(prompt.prompt_tokens)  # the tiny model's 128
+
+
+def test_prompt_longer_than_the_model_names_its_line(tiny_checkpoint, tmp_path):
+    data = tmp_path / "long.jsonl"
+    data.write_text('{"prompt": "Q: 1+1?\\nA:", "response": " 2"}\n'
+                    + json.dumps({"prompt": "Q: " + "1+" * 200 + "1?\\nA:", "response": " 2"})
+                    + "\n")
+    result = _run("megatron_irl.evaluate", "--load", tiny_checkpoint, "--data", str(data),
+                  "--output-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert f"{data}:2: the prompt has" in result.stderr
+    assert "exceeds the model's 128 positions" in result.stderr
+
+
+def test_ckpt_step_without_that_checkpoint_names_the_usable_one(tiny_checkpoint, tmp_path):
+    result = _run("megatron_irl.evaluate", "--load", tiny_checkpoint, "--data", str(VALID),
+                  "--ckpt-step", "5", "--output-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert ("(iteration 5, chosen by --ckpt-step 5) is unusable: the directory does not exist; "
+            "the newest usable checkpoint is iteration 0" in result.stderr)

@@ -61,3 +61,9 @@ def test_only_the_logging_rank_writes(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
     assert not path.exists() and not (tmp_path / "tb").exists()
+
+
+def test_metrics_file_directory_is_created(tmp_path):
+    path = tmp_path / "new" / "dir" / "metrics.jsonl"
+    _log_two_steps(LoggingConfig(metrics_file=str(path), progress_bar="off"))
+    assert len(path.read_text().splitlines()) == 3

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,13 +121,68 @@ def test_loss_falls_on_the_tiny_set(tmp_path):
     assert steps[-1]["nll"] < steps[0]["nll"]
 
 
-def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, six_step_losses):
+@pytest.fixture(scope="module")
+def first_half_checkpoint(tmp_path_factory) -> str:
+    """The checkpoint at step 3 of a 6-step run (stopped by --exit-interval)."""
+    tmp_path = tmp_path_factory.mktemp("first_half")
     run_train(tmp_path, 1, "--train-iters", "6", "--exit-interval", "3", name="first_half",
               save=True)
+    return str(tmp_path / "first_half_ckpt")
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, six_step_losses,
+                                                         first_half_checkpoint):
     resumed = losses(run_train(tmp_path, 1, "--train-iters", "6", "--load",
-                               str(tmp_path / "first_half_ckpt"), name="second_half"))
+                               first_half_checkpoint, name="second_half"))
     assert list(resumed) == [4, 5, 6]
     assert_same_losses(resumed, {i: six_step_losses[i] for i in (4, 5, 6)})
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_train(first_half_checkpoint):
+    result = subprocess.run(
+        _command(1, [*SHORT_RUN, "--train-iters", "3", "--load", first_half_checkpoint]),
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert ("nothing to train: the checkpoint is at iteration 3 and --train-iters is 3"
+            in result.stdout)
+
+
+def test_damaged_checkpoint_stops_the_run_with_a_message_naming_the_file(
+        tmp_path, first_half_checkpoint):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(first_half_checkpoint, damaged)
+    common = damaged / "iter_0000003" / "common.pt"
+    common.write_bytes(common.read_bytes()[:100])
+    result = subprocess.run(
+        _command(1, [*SHORT_RUN, "--train-iters", "6", "--load", str(damaged)]),
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    assert (f"megatron-irl train: error: checkpoint {damaged}/iter_0000003 (iteration 3, chosen "
+            f"by latest_checkpointed_iteration.txt) is unusable: common.pt: 100 bytes"
+            in result.stderr)
+    assert "no other checkpoint under" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _cosine_lr(max_lr: float, min_lr: float, step: int, warmup: int = 1, decay: int = 6) -> float:
+    """Megatron's cosine schedule (in steps): the learning rate step ``step + 1`` trains with."""
+    ratio = (step - warmup) / (decay - warmup)
+    return min_lr + 0.5 * (math.cos(math.pi * ratio) + 1) * (max_lr - min_lr)
+
+
+def test_resume_applies_the_current_lr_and_min_lr(tmp_path, first_half_checkpoint):
+    # The tiny configuration: --lr 3e-3 --min-lr 3e-4, cosine; the checkpoint is at step 3.
+    resumed = run_train(tmp_path, 1, "--train-iters", "6", "--load", first_half_checkpoint,
+                        "--lr", "6e-3", "--min-lr", "1e-4", name="new_lr")
+    assert [step["lr"] for step in resumed] == pytest.approx(
+        [_cosine_lr(6e-3, 1e-4, step) for step in (3, 4, 5)], rel=1e-6)
+
+
+def test_use_checkpoint_opt_param_scheduler_keeps_the_saved_lr(tmp_path, first_half_checkpoint):
+    resumed = run_train(tmp_path, 1, "--train-iters", "6", "--load", first_half_checkpoint,
+                        "--lr", "6e-3", "--use-checkpoint-opt_param-scheduler", name="kept_lr")
+    assert [step["lr"] for step in resumed] == pytest.approx(
+        [_cosine_lr(3e-3, 3e-4, step) for step in (3, 4, 5)], rel=1e-6)
 
 
 def test_tensor_parallel_checkpoint_resumes_at_tp1(tmp_path, six_step_losses):
@@ -220,3 +276,68 @@ def test_fp16_skips_overflowing_steps_and_lowers_the_loss_scale(tmp_path):
     assert steps[0]["skipped"] == 1
     assert scales == sorted(scales, reverse=True) and scales[-1] < 2.0**32
     assert all(math.isfinite(step["loss"]) for step in steps)
+
+
+def _checkpoint_weights(directory: Path) -> dict:
+    """The model tensors of a saved iteration, read without a process group."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    merged = directory.parent / f"{directory.name}.pt"
+    dcp_to_torch_save(str(directory), str(merged))
+    state = torch.load(merged, weights_only=False)
+    return {key: value for key, value in state.items()
+            if isinstance(value, torch.Tensor) and not key.startswith(("optimizer", "rng_state"))}
+
+
+@pytest.fixture(scope="module")
+def poisoned_pipeline_run(tmp_path_factory):
+    """PP=2, a checkpoint every step, NaN losses in steps 2, 3 and 5..7 (3 in a row stop it)."""
+    tmp_path = tmp_path_factory.mktemp("poisoned")
+    metrics, save = tmp_path / "metrics.jsonl", tmp_path / "ckpt"
+    command = _command(2, [*SHORT_RUN, "--train-iters", "10", "--save", str(save),
+                           "--save-interval", "1", "--metrics-file", str(metrics),
+                           "--pipeline-model-parallel-size", "2", "--max-nonfinite-steps", "3"])
+    module = command.index("megatron_irl.train")  # run the poisoning script instead
+    command[module - 1:module + 1] = [str(REPO / "tests" / "train_with_poisoned_steps.py")]
+    result = subprocess.run(command, cwd=REPO, env={**_env(), "POISONED_STEPS": "2,3,5,6,7"},
+                            capture_output=True, text=True, timeout=600)
+    steps = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return result, [step for step in steps if step["split"] == "train"], save
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(poisoned_pipeline_run):
+    result, steps, _ = poisoned_pipeline_run
+    assert result.returncode == 1, result.stderr[-4000:]
+    assert ("megatron-irl train: error: steps 5..7 all had a non-finite loss or gradient norm"
+            in result.stderr)
+    assert "--max-nonfinite-steps 3" in result.stderr
+    assert [step["iteration"] for step in steps] == [1, 2, 3, 4, 5, 6, 7]
+    assert [step["skipped"] for step in steps] == [0, 1, 1, 0, 1, 1, 1]
+    assert [step["nonfinite_steps"] for step in steps] == [0, 1, 2, 2, 3, 4, 5]
+    assert [math.isfinite(step["loss"]) for step in steps] == [
+        True, False, False, True, False, False, False]
+    # The scheduler advances on updates only: step 4 trains with step 2's learning rate.
+    assert steps[3]["lr"] == steps[1]["lr"] != steps[0]["lr"]
+
+
+def test_skipped_steps_leave_every_pipeline_stage_unchanged(poisoned_pipeline_run):
+    import torch
+
+    _, _, save = poisoned_pipeline_run
+    after_1, after_3, after_4 = (_checkpoint_weights(save / f"iter_{i:07d}") for i in (1, 3, 4))
+    # The first stage's embedding, the last one's output layer, and both stages' layers
+    # (stacked: layer 0 on stage 0, layer 1 on stage 1).
+    assert {"embedding.word_embeddings.weight", "output_layer.weight"} <= after_1.keys()
+    assert after_1["decoder.layers.mlp.linear_fc1.weight"].shape[0] == 2
+    for name, weight in after_1.items():
+        assert torch.equal(after_3[name], weight), name
+    assert any(not torch.equal(after_4[name], weight) for name, weight in after_1.items())
+
+
+def test_nonfinite_stop_saves_nothing_and_leaves_the_marker(poisoned_pipeline_run):
+    _, _, save = poisoned_pipeline_run
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "6\n"
+    assert not (save / "iter_0000007").exists()
+    for weight in _checkpoint_weights(save / "iter_0000006").values():
+        assert bool(weight.isfinite().all())

@@ -135,8 +135,8 @@ def time_objectives(trainable, cfg, micro_batches, objectives, repeats, deadline
                 torch.cuda.reset_peak_memory_stats()
             _synchronize()
             start = time.perf_counter()
-            metric_sums, _ = train_step(trainable.model, trainable.optimizer,
-                                        trainable.scheduler, micro_batches, objective, cfg)
+            metric_sums, _, _ = train_step(trainable.model, trainable.optimizer,
+                                           trainable.scheduler, micro_batches, objective, cfg)
             _synchronize()
             if repeat:
                 result["seconds"].append(time.perf_counter() - start)

@@ -12,7 +12,7 @@ import os
 import shutil
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from megatron_irl.convert.families import ConversionError
@@ -55,7 +55,7 @@ class SafetensorsReader:
                              for name, file in weight_map.items()}
         elif os.path.isfile(os.path.join(directory, SINGLE_FILENAME)):
             path = os.path.join(directory, SINGLE_FILENAME)
-            with safe_open(path, framework="pt") as handle:
+            with _open_safetensors(path) as handle:
                 self._file_of = {name: path for name in handle.keys()}
         else:
             raise ConversionError(
@@ -64,6 +64,9 @@ class SafetensorsReader:
         for path in set(self._file_of.values()):
             if not path.endswith(".safetensors"):
                 raise ConversionError(f"{index_path}: {path} is not a .safetensors file")
+            if not os.path.isfile(path):
+                raise ConversionError(f"{index_path}: names {os.path.basename(path)}, which is "
+                                      f"not in {directory} (a download cut short?)")
         self.directory = directory
         self._handles: dict = {}
 
@@ -72,8 +75,20 @@ class SafetensorsReader:
         if path is None:
             raise ConversionError(f"{self.directory}: the weights have no tensor {name!r}")
         if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="pt")
-        return self._handles[path].get_tensor(name)
+            self._handles[path] = _open_safetensors(path)
+        try:
+            return self._handles[path].get_tensor(name)
+        except SafetensorError as error:
+            raise ConversionError(f"{path}: cannot read tensor {name!r} ({error}); the file is "
+                                  "damaged or cut short: download it again") from None
+
+
+def _open_safetensors(path: str):
+    try:
+        return safe_open(path, framework="pt")
+    except SafetensorError as error:
+        raise ConversionError(f"{path}: not a readable safetensors file ({error}); the file is "
+                              "damaged or cut short: download it again") from None
 
 
 class ShardWriter:

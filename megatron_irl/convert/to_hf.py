@@ -37,13 +37,11 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
 def _checkpoint_directory(load_dir: str) -> str:
-    from megatron_irl.training.checkpoint import TRACKER_FILENAME, iteration_dir, latest_iteration
+    """The latest complete checkpoint under ``load_dir``, once its files pass the manifest
+    check (CheckpointError naming a damaged file and the newest usable iteration)."""
+    from megatron_irl.training.checkpoint_files import choose_iteration, iteration_dir
 
-    iteration = latest_iteration(load_dir)
-    if iteration is None:
-        raise ConversionError(f"--load {load_dir}: no {TRACKER_FILENAME} (not a checkpoint "
-                              "directory that megatron-irl saved to)")
-    return iteration_dir(load_dir, iteration)
+    return iteration_dir(load_dir, choose_iteration(load_dir))
 
 
 def _slice_planner(offsets: dict[str, tuple[int, ...]]):

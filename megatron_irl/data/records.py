@@ -145,10 +145,14 @@ def read_records(path: str, report: DataReport) -> Iterator[Record]:
                 raise DataError(f"{where}: not valid UTF-8 ({e.reason})") from e
             if not text.strip():
                 continue
+            line = text.rstrip("\r\n")  # so that errors count columns on this line
             try:
-                obj = json.loads(text)
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: malformed JSON: {e.msg} at column {e.colno}") from e
+                cut = " (the end of the line: the record is cut short)" \
+                    if e.pos >= len(line) else ""
+                raise DataError(f"{where}: malformed JSON at column {e.colno}{cut}: {e.msg}") \
+                    from e
             segments = record_segments(obj, where, report)
             report.num_records += 1
             if segments is not None:

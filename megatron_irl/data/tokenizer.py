@@ -51,7 +51,11 @@ class HFTokenizer:
                 f"tokenizer directory {directory} has no tokenizer.json (only fast Hugging Face "
                 "tokenizers are supported; for sentencepiece pass the .model file path)"
             )
-        self._tok = _RustTokenizer.from_file(json_path)
+        try:
+            self._tok = _RustTokenizer.from_file(json_path)
+        except Exception as error:  # tokenizers raises a bare Exception naming no file
+            raise DataError(f"{json_path}: not a readable tokenizer ({error}); the file is "
+                            "damaged or cut short: copy it again") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         config = self._read_special_tokens(directory)
 

@@ -65,6 +65,22 @@ def read_eval_prompts(path: str, tokenizer: Tokenizer, limit: int | None = None,
     return prompts, report
 
 
+def response_budget(prompts: list[EvalPrompt], path: str, positions: int,
+                    max_new_tokens: int | None) -> int:
+    """``max_new_tokens``, or (None) the positions that the longest prompt leaves; raises
+    DataError naming ``path:line`` of a prompt that leaves no room for it."""
+    wanted = max_new_tokens or 1
+    for prompt in prompts:
+        if len(prompt.prompt_tokens) + wanted > positions:
+            raise DataError(
+                f"{path}:{prompt.line}: the prompt has {len(prompt.prompt_tokens)} tokens, which "
+                f"with {wanted} new token(s) exceeds the model's {positions} positions; shorten "
+                f"it" + (" or lower --max-new-tokens" if max_new_tokens else ""))
+    if max_new_tokens is not None:
+        return max_new_tokens
+    return positions - max((len(prompt.prompt_tokens) for prompt in prompts), default=0)
+
+
 def read_scored_pairs(path: str, tokenizer: Tokenizer, score_field: str,
                       limit: int | None = None) -> tuple[list[ScoredPair], DataReport]:
     """The first ``limit`` usable records of ``path`` as whole documents.

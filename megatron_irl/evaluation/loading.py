@@ -22,9 +22,10 @@ class SavedRun:
     config: TrainConfig
 
 
-def read_saved_run(load_dir: str) -> SavedRun:
-    """The latest complete checkpoint's iteration and configuration (no collectives)."""
-    saved = read_saved_state(load_dir)
+def read_saved_run(load_dir: str, ckpt_step: int | None = None) -> SavedRun:
+    """The latest complete checkpoint's (or iteration ``ckpt_step``'s) iteration and
+    configuration, once its files pass the manifest check (no collectives)."""
+    saved = read_saved_state(load_dir, ckpt_step)
     return SavedRun(saved["iteration"],
                     TrainConfig.from_dict(saved["config"], source=f"{load_dir} (saved config)"))
 
@@ -41,12 +42,14 @@ def inference_config(saved: TrainConfig, tensor_parallel: int, pipeline_parallel
     return TrainConfig.from_dict(data)
 
 
-def load_inference_model(cfg: TrainConfig, load_dir: str, vocab_size: int):
-    """This rank's GPTModel with the checkpoint's weights, in eval mode.
+def load_inference_model(cfg: TrainConfig, load_dir: str, vocab_size: int,
+                         iteration: int | None = None):
+    """This rank's GPTModel with the weights of the checkpoint of ``iteration`` (None: the
+    latest complete one), in eval mode.
 
     Collective over the world group (the checkpoint load). Megatron's parallel state must
     be initialised with ``cfg.parallel``'s layout.
     """
     chunks = build_model_chunks(cfg, vocab_size)
-    load_checkpoint(load_dir, chunks, load_optimizer=False, load_rng=False)
+    load_checkpoint(load_dir, chunks, load_optimizer=False, load_rng=False, ckpt_step=iteration)
     return chunks[0].eval()

@@ -23,6 +23,7 @@ class InferenceOptions:
 
     load: str
     data: str
+    ckpt_step: int | None = None  # unset: the latest complete checkpoint
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     tokenizer_model: str | None = None  # unset: the checkpoint's --tokenizer-model
@@ -36,6 +37,7 @@ class InferenceOptions:
                      "micro_batch_size"):
             _require(getattr(self, name) >= 1, name, "be >= 1")
         _require(self.limit is None or self.limit >= 1, "limit", "be >= 1")
+        _require(self.ckpt_step is None or self.ckpt_step >= 0, "ckpt_step", "be >= 0")
         _require(self.seed >= 0, "seed", "be >= 0")
 
 
@@ -50,7 +52,7 @@ class EvalOptions(InferenceOptions):
     top_p: float = 1.0
     beam_size: tuple[int, ...] = ()  # beam searches, one response per prompt each
     length_penalty: float = 1.0
-    max_new_tokens: int = 128
+    max_new_tokens: int | None = None  # unset: the positions the longest prompt leaves
     answer_pattern: str | None = None  # unset: GSM8k's "#### <number>"
 
     def __post_init__(self) -> None:
@@ -60,7 +62,8 @@ class EvalOptions(InferenceOptions):
         _require(self.top_k >= 0, "top_k", "be >= 0 (0: off)")
         _require(0 < self.top_p <= 1, "top_p", "be in (0, 1]")
         _require(all(b >= 1 for b in self.beam_size), "beam_size", "be >= 1")
-        _require(self.max_new_tokens >= 1, "max_new_tokens", "be >= 1")
+        _require(self.max_new_tokens is None or self.max_new_tokens >= 1, "max_new_tokens",
+                 "be >= 1")
         _require(self.temperature or self.beam_size, "temperature",
                  "list at least one value, or give --beam-size")
 
@@ -90,6 +93,7 @@ def _require(condition: bool, name: str, what: str) -> None:
 _HELP = {
     "load": "checkpoint directory (a --save directory of megatron-irl train)",
     "data": "JSONL records: prompt/response or messages",
+    "ckpt_step": "load this iteration of --load; unset: the latest complete one",
     "tokenizer_model": "tokenizer; unset: the one the checkpoint was trained with",
     "tensor_model_parallel_size": "tensor-parallel size to run the model at",
     "pipeline_model_parallel_size": "pipeline stages to run the model at",
@@ -99,7 +103,8 @@ _HELP = {
     "top_k": "sample from the k most likely tokens only; 0: off",
     "top_p": "sample from the smallest set of tokens with this probability; 1: off",
     "length_penalty": "beam search ranks hypotheses by log-prob / length**this",
-    "max_new_tokens": "longest response, in tokens (EOS included)",
+    "max_new_tokens": "longest response, in tokens (EOS included); unset: all the model's "
+                      "positions that the longest prompt leaves",
     "limit": "use the first N records only",
     "output_dir": "where report.json, samples.jsonl and the plot go",
     "samples": "samples per prompt at each temperature (Self-BLEU needs >= 2)",

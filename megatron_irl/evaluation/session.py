@@ -74,7 +74,7 @@ def inference_session(options: InferenceOptions, read_inputs: Callable[[Tokenize
     not divide into replicas, CheckpointError / DataError for an unusable checkpoint,
     tokenizer or input file.
     """
-    saved = read_saved_run(options.load)
+    saved = read_saved_run(options.load, options.ckpt_step)
     cfg = inference_config(saved.config, options.tensor_model_parallel_size,
                            options.pipeline_model_parallel_size)
     world_size = world_size_from_env(env)
@@ -88,7 +88,7 @@ def inference_session(options: InferenceOptions, read_inputs: Callable[[Tokenize
     inputs = read_inputs(tokenizer)
     init_distributed(cfg.parallel, options.seed)
     try:
-        model = load_inference_model(cfg, options.load, tokenizer.vocab_size)
+        model = load_inference_model(cfg, options.load, tokenizer.vocab_size, saved.iteration)
         yield InferenceSession(options, saved.iteration, cfg, tokenizer, inputs, model,
                                parallel_state.get_data_parallel_rank(),
                                parallel_state.get_data_parallel_world_size())

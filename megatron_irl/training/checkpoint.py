@@ -9,6 +9,8 @@ Layout of a checkpoint directory (Megatron-LM's naming)::
         training_state.json                  iteration, consumed samples, config, model
                                                architecture, parallel layout (rank 0 writes it)
         config.yaml                          the run's config, for people
+        manifest.json                        every other file's size, checked before loading
+                                               (``checkpoint_files.py``)
         policy_samples.pt, discriminator.pt  --irl-loss online / gail only: the samples in
                                                use and the GAIL discriminator (written by
                                                ``save_checkpoint``'s ``write_extra``; see
@@ -34,7 +36,9 @@ rank 0 only after a barrier that every rank reaches once its shards are written 
 fsynced: dist_checkpointing's writers do that), and loading goes through the marker, so a
 save killed at any point leaves the previous checkpoint in charge. The half-written
 ``iter_*`` directory such a save leaves behind is ignored, and removed when a later save
-reaches the same iteration.
+reaches the same iteration. Loading first checks the chosen iteration's files against its
+manifest; ``keep_last`` deletes older checkpoints only after the marker moved
+(``checkpoint_files.remove_old_checkpoints``).
 
 Unpickling: this module's own files are JSON, and it stores the RNG states as tensors
 rather than as ``ShardedObject`` (which torch_dist unpickles with
@@ -71,12 +75,25 @@ from megatron.core.optimizer import DistributedOptimizer
 from megatron.core.utils import unwrap_model
 
 from megatron_irl.config import ModelConfig
+from megatron_irl.training.checkpoint_files import (  # noqa: F401 (this module's interface)
+    STATE_FILENAME,
+    TRACKER_FILENAME,
+    CheckpointError,
+    checkpoint_problem,
+    choose_iteration,
+    fsync_files_in,
+    fsync_path,
+    iteration_dir,
+    latest_iteration,
+    remove_old_checkpoints,
+    replace_file_atomically,
+    write_file_synced,
+    write_manifest,
+)
 from megatron_irl.training.extra_state import load_across_specs
 
 log = logging.getLogger(__name__)
 
-TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
-STATE_FILENAME = "training_state.json"
 CONFIG_FILENAME = "config.yaml"
 FORMAT_VERSION = 1
 _RNG_PREFIX = "rng_state."
@@ -87,10 +104,6 @@ _RNG_PREFIX = "rng_state."
 # ignore it.
 _OPTIMIZER_STATE_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
                              "chained_optim_avoid_prefix": True}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, incomplete or does not fit the model."""
 
 
 @dataclass
@@ -116,34 +129,16 @@ class TrainingState:
             raise ValueError(f"TrainingState.config must be a dict, got {type(self.config)}")
 
 
-def iteration_dir(root: str, iteration: int) -> str:
-    """``<root>/iter_0000123``: Megatron-LM's name for one checkpoint."""
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def latest_iteration(load_dir: str) -> int | None:
-    """The iteration named by ``<load_dir>/latest_checkpointed_iteration.txt``; None if the
-    marker (or the directory) does not exist. Local; no collectives."""
-    path = os.path.join(load_dir, TRACKER_FILENAME)
-    try:
-        with open(path, encoding="utf-8") as marker:
-            text = marker.read()
-    except FileNotFoundError:
-        return None
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
-
-
-def read_saved_state(load_dir: str) -> dict:
+def read_saved_state(load_dir: str, ckpt_step: int | None = None) -> dict:
     """The training-state JSON (iteration, config, model architecture, ...) of the latest
-    complete checkpoint under ``load_dir``; local, no collectives. Raises CheckpointError."""
-    return _read_training_state(iteration_dir(load_dir, _marked_iteration(load_dir)))
+    complete checkpoint under ``load_dir`` (or of iteration ``ckpt_step``), once its files
+    pass the manifest check; local, no collectives. Raises CheckpointError."""
+    return _read_training_state(iteration_dir(load_dir, choose_iteration(load_dir, ckpt_step)))
 
 
 def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, optimizer,
-                    scheduler, write_extra: Callable[[str], None] | None = None) -> str:
+                    scheduler, write_extra: Callable[[str], None] | None = None,
+                    keep_last: int | None = None) -> str:
     """Save model, optimizer, scheduler, RNG and ``state`` as ``<save_dir>/iter_<n>``.
 
     Args:
@@ -156,6 +151,9 @@ def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, opt
         write_extra: called on every rank with the iteration directory once the shards are
             written and before the marker moves, to add files of its own (the online
             losses' samples and discriminator); it may run collectives.
+        keep_last: once the marker names the new checkpoint, delete the checkpoints older
+            than the ``keep_last`` newest usable ones (``--keep-last-checkpoints``); None
+            keeps all.
 
     Returns:
         The iteration directory. If the marker already names this iteration (a complete
@@ -196,10 +194,15 @@ def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, opt
     dist.barrier()  # every rank's shards are written: only now may the marker move
 
     def finish() -> int:
-        _write_file_synced(os.path.join(directory, STATE_FILENAME), state_json)
-        _write_file_synced(os.path.join(directory, CONFIG_FILENAME), config_yaml)
-        _fsync_files_in(directory)  # also rank 0's common.pt and metadata.json
-        _replace_file_atomically(os.path.join(save_dir, TRACKER_FILENAME), f"{state.iteration}\n")
+        write_file_synced(os.path.join(directory, STATE_FILENAME), state_json)
+        write_file_synced(os.path.join(directory, CONFIG_FILENAME), config_yaml)
+        fsync_files_in(directory)  # also rank 0's common.pt and metadata.json
+        write_manifest(directory)
+        fsync_path(directory)
+        replace_file_atomically(os.path.join(save_dir, TRACKER_FILENAME), f"{state.iteration}\n")
+        if keep_last is not None:
+            for removed in remove_old_checkpoints(save_dir, keep_last):
+                log.info("removed %s (--keep-last-checkpoints %d)", removed, keep_last)
         return 0
 
     _on_rank0(finish, "write the training state and the marker of " + directory)
@@ -207,11 +210,13 @@ def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, opt
 
 
 def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, scheduler=None, *,
-                    load_optimizer: bool = True, load_rng: bool = True) -> TrainingState:
+                    load_optimizer: bool = True, load_rng: bool = True,
+                    ckpt_step: int | None = None) -> TrainingState:
     """Load the latest complete checkpoint under ``load_dir`` into this run's objects.
 
     Args:
         load_dir: the ``--load`` directory.
+        ckpt_step: load this iteration instead (``--ckpt-step``).
         model_chunks: this rank's model chunks (any TP / PP / DP layout of the same
             architecture); their parameters are overwritten in place.
         optimizer: loaded (Adam moments, step, param groups) when ``load_optimizer`` and
@@ -226,7 +231,8 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, scheduler
         The saved :class:`TrainingState` (iteration, consumed samples, config).
 
     Raises:
-        CheckpointError: no checkpoint under ``load_dir``, an incomplete one, one whose
+        CheckpointError: no checkpoint under ``load_dir``, an incomplete or damaged one
+            (named with its file and the newest usable iteration), one whose
             model architecture differs from ``model_chunks[0]`` (names the fields), one
             that lacks a weight or other entry the run needs (extra state that the other
             layer spec does not save is initialised instead: ``extra_state.py``), or
@@ -236,7 +242,8 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, scheduler
     Collective over the world group. Mutates the model chunks, optimizer, scheduler and
     the process's RNG states.
     """
-    iteration = _on_rank0(lambda: _marked_iteration(load_dir), "read the marker in " + load_dir)
+    iteration = _on_rank0(lambda: choose_iteration(load_dir, ckpt_step),
+                          "choose and check a checkpoint in " + load_dir)
     directory = iteration_dir(load_dir, iteration)
     saved = _read_training_state(directory)
     models = unwrap_model(model_chunks)
@@ -253,7 +260,13 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, scheduler
     if restore_rng:
         sharded_state.update(_rng_sharded_state_dict())
 
-    result = load_across_specs(sharded_state, directory, dict(zip(model_state, models)))
+    try:
+        result = load_across_specs(sharded_state, directory, dict(zip(model_state, models)))
+    except Exception as exc:  # a damaged file the manifest check cannot see
+        raise CheckpointError(
+            f"checkpoint {directory} (iteration {iteration}) could not be read: "
+            f"{type(exc).__name__}: {exc}; load an older iteration with --ckpt-step N "
+            f"(directories iter_<N> under {load_dir})") from exc
     if result.missing:
         raise CheckpointError(
             f"checkpoint {directory} lacks {len(result.missing)} entries this run needs: "
@@ -438,29 +451,18 @@ def _restore_rng(loaded: dict) -> None:
 
 
 def _prepare_iteration_dir(save_dir: str, iteration: int) -> int:
-    """Rank 0: 1 if the marker already names ``iteration``; else 0 after creating an empty
-    iteration directory (removing what an interrupted save of it left)."""
-    if latest_iteration(save_dir) == iteration:
-        return 1
+    """Rank 0: 1 if the marker already names ``iteration`` and its files check out; else 0
+    after creating an empty iteration directory (removing what an interrupted save, or a
+    damaged checkpoint, of it left)."""
     directory = iteration_dir(save_dir, iteration)
+    if latest_iteration(save_dir) == iteration and checkpoint_problem(directory) is None:
+        return 1
     if os.path.exists(directory):
-        log.warning("removing %s: the marker does not name it, so it is what an interrupted "
-                    "save left", directory)
+        log.warning("removing %s: not a complete checkpoint (what an interrupted save left, "
+                    "or damaged)", directory)
         shutil.rmtree(directory)
     os.makedirs(directory)
     return 0
-
-
-def _marked_iteration(load_dir: str) -> int:
-    """Rank 0: the marker's iteration, or a CheckpointError naming ``--load``."""
-    iteration = latest_iteration(load_dir)
-    if iteration is None:
-        reason = ("does not exist" if not os.path.isdir(load_dir)
-                  else f"has no {TRACKER_FILENAME} (no complete checkpoint)")
-        raise CheckpointError(
-            f"--load {load_dir}: nothing to load, the directory {reason}; point --load at a "
-            f"directory that a run saved to with --save, or leave --load unset")
-    return iteration
 
 
 def _read_training_state(directory: str) -> dict:
@@ -472,41 +474,13 @@ def _read_training_state(directory: str) -> dict:
         raise CheckpointError(
             f"{path} is missing, although {TRACKER_FILENAME} names this checkpoint: the "
             f"checkpoint was moved or deleted in part") from None
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}); load an older iteration with "
+                              f"--ckpt-step N") from None
     if saved.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {saved.get('format_version')!r}; this "
                               f"version of megatron_irl reads {FORMAT_VERSION}")
     return saved
-
-
-def _write_file_synced(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def _fsync_files_in(directory: str) -> None:
-    """Flush the files directly in ``directory``, and its entries, to disk."""
-    for entry in os.scandir(directory):
-        if entry.is_file():
-            _fsync_path(entry.path)
-    _fsync_path(directory)
-
-
-def _fsync_path(path: str) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _replace_file_atomically(path: str, text: str) -> None:
-    """Readers see the old or the new content of ``path``, never a mix, even after a crash."""
-    temporary = path + ".tmp"
-    _write_file_synced(temporary, text)
-    os.replace(temporary, path)
-    _fsync_path(os.path.dirname(path) or ".")  # persist the rename itself
 
 
 def _on_rank0(action: Callable[[], int], what: str) -> int:

@@ -6,6 +6,7 @@ logging rank (the last one, which holds the loss) writes anything.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from typing import Optional
@@ -47,6 +48,7 @@ class TrainingLogger:
 
             self.tensorboard = SummaryWriter(log_dir=cfg.tensorboard_dir)
         if self.enabled and cfg.metrics_file:
+            os.makedirs(os.path.dirname(cfg.metrics_file) or ".", exist_ok=True)  # as --save
             self.metrics_file = open(cfg.metrics_file, "a", encoding="utf-8")
 
     def begin(self, start_iteration: int) -> None:
@@ -91,6 +93,8 @@ class TrainingLogger:
                 + f"| grad norm {scalars['grad_norm']:.3f} "
                 + (f"| loss scale {scalars['loss_scale']:.1f} | skipped "
                    f"{scalars['skipped']:.0f} " if "loss_scale" in scalars else "")
+                + (f"| non-finite steps {scalars['nonfinite_steps']:.0f} "
+                   if scalars.get("nonfinite_steps") else "")
                 + _columns(scalars, _SAMPLING_COLUMNS)
                 + f"| tokens/s {tokens_per_second:,.0f} "
                 f"| elapsed {_format_duration(elapsed)} | eta {_format_duration(eta)}"

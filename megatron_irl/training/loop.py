@@ -50,9 +50,22 @@ from megatron_irl.training.model import (
     uses_thd,
     wrap_data_parallel,
 )
+from megatron_irl.training.nonfinite import (
+    NonFiniteSteps,
+    NonFiniteTrainingError,
+    optimizer_step,
+    weights_are_finite,
+)
 from megatron_irl.training.objective import Objective, metric_means
 from megatron_irl.training.online import OnlineTraining
-from megatron_irl.training.optimizer import build_optimizer, build_scheduler
+from megatron_irl.training.optimizer import (
+    SCHEDULE_FIELDS,
+    apply_current_schedule,
+    build_optimizer,
+    build_scheduler,
+    lr_bounds,
+    schedule_changes,
+)
 from megatron_irl.training.signals import install_stop_handlers, stop_signal_received
 
 
@@ -113,23 +126,26 @@ def _run_schedule(model, micro_batches, objective, cfg: TrainConfig, forward_onl
 
 
 def train_step(model, optimizer, scheduler, micro_batches, objective, cfg: TrainConfig):
-    """One optimizer step on one global batch.
+    """One optimizer step on one global batch; skipped (no update) when its loss or gradient
+    norm is not finite (``training/nonfinite.py``) or the fp16 loss scaler overflows.
 
-    Returns the metric sums (None off the last pipeline stage) and the step's learning rate
-    and gradient norm (before clipping).
+    Returns the metric sums (None off the last pipeline stage), the step's scalars (learning
+    rate, gradient norm before clipping, whether the step was skipped) and whether the step
+    counts as non-finite. As in Megatron-LM the scheduler advances only on updates.
     """
     for chunk in model:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
     metric_sums = _run_schedule(model, micro_batches, objective, cfg, forward_only=False)
     lr = optimizer.param_groups[0]["lr"]
-    updated, grad_norm, _ = optimizer.step()
-    scheduler.step(increment=cfg.training.global_batch_size)
-    scalars = {"lr": lr, "grad_norm": float(grad_norm or 0.0)}
+    updated, grad_norm, nonfinite = optimizer_step(optimizer, metric_sums, cfg.training.fp16)
+    if updated:
+        scheduler.step(increment=cfg.training.global_batch_size)
+    scalars = {"lr": lr, "grad_norm": grad_norm, "skipped": float(not updated)}
     if cfg.training.fp16:
         # Dynamic loss scaling skips the steps whose gradients overflow and lowers the scale.
-        scalars.update(loss_scale=float(optimizer.get_loss_scale()), skipped=float(not updated))
-    return metric_sums, scalars
+        scalars["loss_scale"] = float(optimizer.get_loss_scale())
+    return metric_sums, scalars, nonfinite
 
 
 @torch.no_grad()
@@ -210,16 +226,31 @@ def _restore(cfg: TrainConfig, trainable: Trainable, log: TrainingLogger) -> Tra
     if not cfg.checkpoint.load:
         return fresh
     ckpt = cfg.checkpoint
+    current_bounds = lr_bounds(trainable.optimizer)
+    load_optimizer = not (ckpt.no_load_optim or ckpt.finetune)
     state = load_checkpoint(
         ckpt.load, trainable.chunks, trainable.optimizer, trainable.scheduler,
-        load_optimizer=not (ckpt.no_load_optim or ckpt.finetune),
+        load_optimizer=load_optimizer,
         load_rng=not (ckpt.no_load_rng or ckpt.finetune),
+        ckpt_step=ckpt.ckpt_step,
     )
     log.info(f"loaded checkpoint {ckpt.load} at iteration {state.iteration}"
              + (" (weights only: --finetune)" if ckpt.finetune else ""))
     if ckpt.finetune:
         return fresh
+    changes = schedule_changes(state.config, cfg)
+    keep_checkpoint = cfg.optimizer.use_checkpoint_opt_param_scheduler
+    if not keep_checkpoint:
+        apply_current_schedule(trainable.optimizer, trainable.scheduler, current_bounds)
+    if changes and load_optimizer:
+        log.info("learning-rate schedule differs from the checkpoint's: " + ", ".join(changes)
+                 + ("; keeping the checkpoint's (--use-checkpoint-opt_param-scheduler)"
+                    if keep_checkpoint else "; this run's values apply"))
+    saved_optimizer = state.config.get("optimizer", {})
     state.config = cfg.to_dict()
+    if keep_checkpoint and load_optimizer:  # the saved config.yaml tells what applies
+        state.config["optimizer"].update({name: saved_optimizer[name] for name in SCHEDULE_FIELDS
+                                          if name in saved_optimizer})
     return state
 
 
@@ -260,6 +291,11 @@ def _train_loop(cfg: TrainConfig, trainable: Trainable, state: TrainingState,
     model = trainable.model
     tokens_per_step = cfg.training.global_batch_size * cfg.model.seq_length
     last_saved = state.iteration if cfg.checkpoint.load else None
+    nonfinite_steps = NonFiniteSteps(cfg.training.max_nonfinite_steps)
+    if state.iteration >= cfg.training.train_iters:
+        log.info(f"nothing to train: the checkpoint is at iteration {state.iteration} and "
+                 f"--train-iters is {cfg.training.train_iters}; raise --train-iters to train on")
+        return state
     log.begin(state.iteration)
     while state.iteration < cfg.training.train_iters:
         start = time.monotonic()
@@ -270,15 +306,21 @@ def _train_loop(cfg: TrainConfig, trainable: Trainable, state: TrainingState,
             step_objective, micro_batches = online.prepare_step(state.iteration, micro_batches,
                                                                 objective.lam)
             means = online.metric_means
-        metric_sums, step_scalars = train_step(model, trainable.optimizer, trainable.scheduler,
-                                               micro_batches, step_objective, cfg)
+        metric_sums, step_scalars, nonfinite = train_step(
+            model, trainable.optimizer, trainable.scheduler, micro_batches, step_objective, cfg)
         if online is not None:
             step_scalars.update(online.finish_step())
         state.iteration += 1
         state.consumed_samples += cfg.training.global_batch_size
+        nonfinite_steps.record(nonfinite)
         if metric_sums is not None:
-            scalars = {**means(metric_sums), **step_scalars, "lambda": objective.lam}
+            scalars = {**means(metric_sums), **step_scalars, "lambda": objective.lam,
+                       "nonfinite_steps": nonfinite_steps.total}
             log.log_step(state.iteration, scalars, tokens_per_step / (time.monotonic() - start))
+        if nonfinite:
+            log.info(f"iteration {state.iteration}: non-finite loss or gradient norm, step "
+                     "skipped (no update)")
+            nonfinite_steps.stop_at_the_limit(state.iteration, last_saved)
         if eval_batches is not None and state.iteration % cfg.training.eval_interval == 0:
             eval_sums = evaluate(model, eval_batches, objective, cfg)
             if eval_sums is not None:
@@ -302,7 +344,12 @@ def _save(cfg: TrainConfig, trainable: Trainable, state: TrainingState, log,
     """Save a checkpoint when ``--save`` is set; returns the iteration saved (or None)."""
     if not cfg.checkpoint.save:
         return None
+    if not weights_are_finite(trainable.chunks):
+        raise NonFiniteTrainingError(
+            f"the weights at iteration {state.iteration} hold non-finite values: not saving "
+            f"them (the latest checkpoint stays as it was); resume from it with a lower --lr")
     save_checkpoint(cfg.checkpoint.save, state, trainable.chunks, trainable.optimizer,
-                    trainable.scheduler, write_extra=online.save if online else None)
+                    trainable.scheduler, write_extra=online.save if online else None,
+                    keep_last=cfg.checkpoint.keep_last_checkpoints)
     log.info(f"saved checkpoint at iteration {state.iteration} to {cfg.checkpoint.save}")
     return state.iteration

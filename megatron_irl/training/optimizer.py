@@ -29,14 +29,22 @@ def build_optimizer(cfg: TrainConfig, model_chunks: list) -> MegatronOptimizer:
     return get_megatron_optimizer(config, model_chunks)
 
 
+# The schedule's settings, compared between a checkpoint's config and this run's on resume.
+SCHEDULE_FIELDS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_iters", "lr_decay_style")
+
+
 def build_scheduler(cfg: TrainConfig, optimizer: MegatronOptimizer) -> OptimizerParamScheduler:
     """Linear warm-up from 0 to ``--lr``, then cosine/linear/constant decay to ``--min-lr``.
 
     Megatron's scheduler counts samples; ``step(increment=global_batch_size)`` once per step.
-    On resume the step count comes from the checkpoint and the schedule's shape from the
-    current configuration (so ``--train-iters`` can be extended).
+    On resume the step count comes from the checkpoint and, by default, the schedule's
+    settings from the current configuration (Megatron-LM's ``--override-opt_param-scheduler``,
+    so ``--train-iters`` can be extended and ``--lr`` changed; see
+    :func:`apply_current_schedule`); ``--use-checkpoint-opt_param-scheduler`` keeps the
+    checkpoint's.
     """
     opt = cfg.optimizer
+    keep_checkpoint = opt.use_checkpoint_opt_param_scheduler
     samples_per_step = cfg.training.global_batch_size
     return OptimizerParamScheduler(
         optimizer,
@@ -50,6 +58,32 @@ def build_scheduler(cfg: TrainConfig, optimizer: MegatronOptimizer) -> Optimizer
         end_wd=opt.weight_decay,
         wd_incr_steps=cfg.training.train_iters * samples_per_step,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=False,
-        override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=keep_checkpoint,
+        override_opt_param_scheduler=not keep_checkpoint,
     )
+
+
+def lr_bounds(optimizer: MegatronOptimizer) -> list[tuple[float, float]]:
+    """Each param group's (max_lr, min_lr): Megatron's scheduler reads these before its own."""
+    return [(group["max_lr"], group["min_lr"]) for group in optimizer.param_groups]
+
+
+def apply_current_schedule(optimizer: MegatronOptimizer, scheduler: OptimizerParamScheduler,
+                           bounds: list[tuple[float, float]]) -> None:
+    """After loading a checkpoint: give the param groups back this run's (max_lr, min_lr)
+    (``bounds``, from :func:`lr_bounds` before loading) and recompute their learning rates.
+
+    The optimizer's saved param groups carry the checkpoint's ``max_lr`` / ``min_lr``, which
+    Megatron's scheduler prefers to its own, so overriding the scheduler alone would leave
+    the checkpoint's learning rate in force. Mutates the param groups.
+    """
+    for group, (max_lr, min_lr) in zip(optimizer.param_groups, bounds, strict=True):
+        group["max_lr"], group["min_lr"] = max_lr, min_lr
+    scheduler.step(increment=0)
+
+
+def schedule_changes(saved_config: dict, cfg: TrainConfig) -> list[str]:
+    """``--flag old -> new`` for each schedule setting that differs from the checkpoint's."""
+    saved = saved_config.get("optimizer", {})
+    return [f"{cfg.optimizer.flag(name)} {saved.get(name)} -> {getattr(cfg.optimizer, name)}"
+            for name in SCHEDULE_FIELDS if saved.get(name) != getattr(cfg.optimizer, name)]

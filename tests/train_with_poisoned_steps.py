@@ -1,0 +1,30 @@
+"""``megatron_irl.train`` with the loss of chosen steps made NaN, for the fault-injection tests.
+
+``POISONED_STEPS=2,3`` (1-based step numbers) multiplies the last stage's logits by NaN in
+those steps, as a diverging model or a bad batch would: the loss, the metrics and (through
+backward, on every pipeline stage) the gradients become NaN. Everything else is the real
+trainer; the arguments are its flags.
+"""
+
+import os
+import sys
+
+from megatron_irl import train
+from megatron_irl.training import loop
+
+
+class _PoisonedObjective(loop.Objective):
+    steps = frozenset(int(step) for step in os.environ.get("POISONED_STEPS", "").split(",")
+                      if step)
+
+    def __init__(self, irl, iteration):
+        super().__init__(irl, iteration)
+        self.poisoned = iteration + 1 in self.steps
+
+    def __call__(self, output, batch):
+        return super().__call__(output * float("nan") if self.poisoned else output, batch)
+
+
+if __name__ == "__main__":
+    loop.Objective = _PoisonedObjective
+    sys.exit(train.main())

@@ -51,6 +51,8 @@ def test_policy_rows_mark_sampled_labels_and_keep_a_truncated_next_state():
     (lambda: TrainConfig(irl=IRLConfig(loss="online"), online=OnlineConfig(max_new_tokens=128)),
      "--online-max-new-tokens"),
     (lambda: TrainConfig(online=OnlineConfig(alpha_mix=0.5)), "--online-alpha-mix"),
+    (lambda: TrainConfig(irl=IRLConfig(loss="online"), online=OnlineConfig(td_over="expert")),
+     "--online-td-over expert with --irl-gamma 1"),
 ])
 def test_sampling_losses_reject_what_they_cannot_run_naming_the_flag(make, flag):
     with pytest.raises(ConfigError, match=flag):

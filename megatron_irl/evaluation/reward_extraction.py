@@ -67,7 +67,8 @@ class ExtractedRewards:
 def _rewards_of_batch(logits: torch.Tensor, batch: dict, gamma: float):
     """The schedule's loss function: no loss, the per-token delta / value / nll instead."""
     out = vocab_parallel_soft_q_loss(logits, batch["labels"], batch["loss_mask"],
-                                     batch["terminal"], lam=0.0, gamma=gamma)
+                                     batch["terminal"], lam=0.0, gamma=gamma,
+                                     next_position=batch["next_position"])
     per_token = {"delta": out.delta.detach(), "value": out.value.detach(),
                  "nll": out.nll.detach()}
     return torch.zeros((), device=logits.device), torch.tensor(0, dtype=torch.int), per_token

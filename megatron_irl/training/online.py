@@ -66,16 +66,17 @@ class OnlineObjective:
 
     def __call__(self, output, batch: dict):
         loss_mask, policy_mask = batch["loss_mask"], batch["policy_mask"]
-        terminal = batch["terminal"]
+        terminal, next_position = batch["terminal"], batch["next_position"]
         out = online_soft_q_loss(
             output, batch["labels"], loss_mask, policy_mask, terminal, lam=self.lam,
             gamma=self.irl.irl_gamma, alpha_mix=self.online.alpha_mix,
-            td_over=self.online.td_over, stop_value_grad=self.irl.irl_stop_value_grad,
+            td_over=self.online.td_over, next_position=next_position,
+            stop_value_grad=self.irl.irl_stop_value_grad,
         )
         loss_sum = out.expert_loss.sum() + self.policy_weight * out.policy_loss.sum()
         expert, policy = loss_mask > 0, policy_mask > 0
-        td_expert = td_active_mask(loss_mask, terminal)
-        td_policy = td_active_mask(policy_mask, terminal)
+        td_expert = td_active_mask(loss_mask, terminal, next_position)
+        td_policy = td_active_mask(policy_mask, terminal, next_position)
         metric_sums = torch.stack([
             loss_sum.detach().float(), out.nll.detach().sum(),
             _masked_sum(out.delta.square(), td_expert), _masked_sum(out.delta, td_expert),

@@ -20,6 +20,7 @@ A policy row holds one prompt and its response, laid out like a packed row (all 
                    first one)
     terminal       True where the label is the EOS
     position_ids   0, 1, ... over the sequence; document_ids 0 there, -1 on padding
+    next_position  t + 1 (one response: the next state is the next position)
     sample_log_prob  log pi(label) when it was sampled (temperature 1), at policy positions
 
 A response cut by the token budget keeps its last token as an input position without a label,
@@ -76,6 +77,7 @@ def policy_rows(samples: SampleSet, pad_id: int) -> dict:
         "terminal": policy & samples.finished[:, None] & (positions == lengths - 2),
         "position_ids": torch.where(is_input, positions, 0),
         "document_ids": torch.where(is_input, 0, -1),
+        "next_position": (positions + 1).expand(tokens.shape).clone(),
         "policy_mask": policy.float(),
         "sample_log_prob": torch.where(
             policy, torch.cat([samples.log_probs[:, 1:], torch.zeros_like(shift)], dim=1), 0.0

@@ -61,8 +61,9 @@ class GailConfig(_Section):
         0.0, "--gail-entropy-weight", "Weight of the entropy bonus on the sampled responses.")
     kl_weight: float = _opt(
         0.0, "--gail-kl-weight",
-        "KL penalty in the reward towards the policy that drew the samples (their log-probs "
-        "at sampling time); acts on the steps that reuse samples (--online-sample-interval > 1).")
+        "KL penalty in the reward towards the starting model: a frozen copy of the weights the "
+        "run started from scores the samples when drawn (one more copy of the weights in "
+        "memory; saved once in <save>/gail_reference for resuming).")
     disc_hidden_size: int = _opt(
         128, "--gail-disc-hidden-size", "Hidden size of the discriminator transformer.")
     disc_num_layers: int = _opt(2, "--gail-disc-num-layers", "Discriminator layers.")

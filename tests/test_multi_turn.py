@@ -90,8 +90,9 @@ def test_two_turn_record_matches_the_float64_reference_and_the_hand_computation(
 def test_loss_sends_no_gradient_into_the_users_turn(tmp_path):
     row, logits, _ = _two_turn_inputs(tmp_path)
     ours = logits.clone().requires_grad_()
-    vocab_parallel_soft_q_loss(ours, row["labels"], row["loss_mask"], row["terminal"], lam=LAM,
-                               gamma=GAMMA, next_position=row["next_position"]).loss.sum().backward()
+    out = vocab_parallel_soft_q_loss(ours, row["labels"], row["loss_mask"], row["terminal"],
+                                     lam=LAM, gamma=GAMMA, next_position=row["next_position"])
+    out.loss.sum().backward()
     # The user's turn is no one's next state (and trains nothing).
     user_turn = ours.grad[0, TURN_END + 1:NEXT_TURN]
     assert torch.equal(user_turn, torch.zeros_like(user_turn))

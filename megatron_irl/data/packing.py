@@ -17,7 +17,7 @@ in its store (the same id over one document's positions); next_position is the r
 of the state the TD term at that position bootstraps from: the next position, except at the
 last token of a non-final response (a chat's assistant turn), where it is the position that
 predicts the next response's first token (the user's turn in between is the environment's
-move, docs/training.md), or seq_length when that position is cut off by truncation.
+move, docs/method.md section 1), or seq_length when that position is cut off by truncation.
 """
 
 from dataclasses import dataclass

@@ -10,7 +10,7 @@ The logits ``z_t`` are read as soft Q-values. Per position t of a row (PAPER.md,
 ``n_t = next_position[t]`` is the position of the agent's next state: ``t + 1`` (the default),
 except at the last token of a non-final assistant turn of a chat, where it is the position
 that predicts the next assistant turn's first token: the user's tokens in between are the
-environment's move, not actions (docs/training.md, "Multi-turn records").
+environment's move, not actions (docs/method.md, section 1, "Multi-turn records").
 
 The TD term is active at t iff ``loss_mask[t]`` and (``terminal[t]`` or ``n_t < s``): a row's
 last position that is not terminal was cut by the sequence length, its next state is not in

@@ -154,3 +154,16 @@ def test_single_turn_rows_give_the_default_next_state_bit_for_bit(tmp_path):
     (default, default_grad), (packed, packed_grad) = results
     assert all(torch.equal(a, b) for a, b in zip(default, packed))
     assert torch.equal(default_grad, packed_grad)
+
+
+@pytest.mark.parametrize("next_position, message", [
+    ([[1, 1, 3, 4]], "must be > t"),
+    ([[2, 2, 3, 4]], "bootstrap from the same"),
+])
+def test_next_positions_the_fused_loss_cannot_follow_are_rejected_when_checked(next_position,
+                                                                               message):
+    labels, mask = torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 4)
+    with pytest.raises(ValueError, match=message):
+        vocab_parallel_soft_q_loss(torch.zeros(1, 4, 5), labels, mask,
+                                   torch.zeros(1, 4, dtype=torch.bool), lam=1.0, gamma=1.0,
+                                   next_position=torch.tensor(next_position), check_labels=True)

@@ -8,8 +8,8 @@ confidence. Hence, per decoding setting and for each quantity (the return, ``log
 
 * ``within_prompt``: the mean over prompts of the Spearman correlation among that prompt's
   samples (prompts with fewer than two samples, or where either side is constant, have none
-  and are not counted; ``num_prompts`` says how many were). ``V(s_0)`` is one number per
-  prompt, so it has none: it cannot rank a prompt's samples.
+  and are not counted; ``<quantity>_num_prompts`` says how many were). ``V(s_0)`` is one
+  number per prompt, so it has none: it cannot rank a prompt's samples.
 * ``across_prompts``: the Spearman correlation of the per-prompt means over the prompts.
 
 A correlation that cannot be computed is None.

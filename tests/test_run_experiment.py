@@ -54,7 +54,8 @@ def test_reduced_experiment_reports_every_method_at_every_temperature(experiment
         assert 0.0 <= float(accuracy) <= 1.0
         # Greedy decoding gives one response per prompt: no Self-BLEU, no within-prompt ranks.
         assert (self_bleu == "-") == (temperature == "0")
-        assert (within == "- / -") == (temperature == "0")
+        if temperature == "0":  # (sampled prompts may lack one too: equal scores)
+            assert within == "- / -"
         assert len(across.split(" / ")) == 3
     assert "| method | T | accuracy | Self-BLEU" in result.stdout  # the table is printed
 

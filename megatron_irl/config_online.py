@@ -40,8 +40,10 @@ class OnlineConfig(_Section):
         0.1, "--online-alpha-mix",
         "Policy share of the state mixture of the value term (online); 0 gives the offline loss.")
     td_over: Literal["expert", "mixture"] = _opt(
-        "expert", "--online-td-over",
-        "Transitions of the TD^2 term (online): the dataset's, or the mixture's.")
+        "mixture", "--online-td-over",
+        "Transitions of the TD^2 term (online): the mixture's (IQ-Learn's online recipe), or "
+        "the dataset's only (needs --irl-gamma < 1: at gamma 1 the value term over the "
+        "policy's states telescopes to V(s_0) and the sampled tokens get no gradient).")
 
     def _validate(self) -> None:
         self._require_at_least(1, "policy_rows", "sample_interval", "max_new_tokens")
@@ -59,8 +61,9 @@ class GailConfig(_Section):
         0.0, "--gail-entropy-weight", "Weight of the entropy bonus on the sampled responses.")
     kl_weight: float = _opt(
         0.0, "--gail-kl-weight",
-        "KL penalty in the reward towards the policy that drew the samples (their log-probs "
-        "at sampling time); acts on the steps that reuse samples (--online-sample-interval > 1).")
+        "KL penalty in the reward towards the starting model: a frozen copy of the weights the "
+        "run started from scores the samples when drawn (one more copy of the weights in "
+        "memory; saved once in <save>/gail_reference for resuming).")
     disc_hidden_size: int = _opt(
         128, "--gail-disc-hidden-size", "Hidden size of the discriminator transformer.")
     disc_num_layers: int = _opt(2, "--gail-disc-num-layers", "Discriminator layers.")
@@ -101,6 +104,13 @@ def check_sampling_config(cfg: Any) -> None:
                           "the loss they belong to (--irl-loss online or gail)")
     if loss not in SAMPLING_LOSSES:
         return
+    if loss == "online" and online.td_over == "expert" and online.alpha_mix > 0 \
+            and cfg.irl.irl_gamma == 1:
+        raise ConfigError(
+            f"{online.flag('td_over')} expert with {cfg.irl.flag('irl_gamma')} 1 trains nothing "
+            "on the sampled responses: the value term over the policy's states telescopes to "
+            "V(s_0), so every sampled token after the first gets zero gradient; use "
+            f"{online.flag('td_over')} mixture (the default) or {cfg.irl.flag('irl_gamma')} < 1")
     parallel, seq_length = cfg.parallel, cfg.model.seq_length
     if parallel.virtual_pipeline_model_parallel_size is not None:
         raise ConfigError(

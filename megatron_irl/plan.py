@@ -230,18 +230,22 @@ def _memory_lines(cfg: TrainConfig, stages: list[StageMemory], gpu_bytes: int) -
              f"Adam fp32{' with fp32 main weights' if half else ''}):",
              f"  {'stage':>5} {'params/GPU':>15} {'weights':>8} {'grads':>8} {'optim dist':>10} "
              f"{'optim repl':>10} {'fp8 cache':>9} {'activations':>11} {'logits+loss':>11} "
-             f"{'total':>8} {'free':>8}"]
+             f"{'KL ref':>8} {'total':>8} {'free':>8}"]
     for s in stages:
         total = s.total(distributed)
         lines.append(
             f"  {s.stage:>5} {s.parameters:>15,} {_gib(s.weights):>8} {_gib(s.gradients):>8} "
             f"{_gib(s.optimizer_sharded):>10} {_gib(s.optimizer_replicated):>10} "
             f"{_gib(s.fp8_weight_cache):>9} {_gib(s.activations):>11} "
-            f"{_gib(s.logits_and_loss):>11} {_gib(total):>8} {_gib(gpu_bytes - total):>8}")
+            f"{_gib(s.logits_and_loss):>11} {_gib(s.kl_reference):>8} {_gib(total):>8} "
+            f"{_gib(gpu_bytes - total):>8}")
     other = max(s.total(not distributed) for s in stages)
     lines.append(f"  total counts the optimizer {'with' if distributed else 'without'} "
                  f"--use-distributed-optimizer; {'without' if distributed else 'with'} it the "
                  f"largest stage needs {_gib(other)} GiB")
+    if planning.has_kl_reference(cfg):
+        lines.append("  KL ref: GAIL's frozen copy of the starting weights (--gail-kl-weight), "
+                     "in the weights' dtype, without gradients or optimizer state")
     per_layer = planning.layer_activation_bytes(cfg)
     lines.append(
         f"  activations: stage 0 holds {stages[0].in_flight} (chunk) micro-batches at its peak; "

@@ -330,11 +330,17 @@ class StageMemory:
     logits_and_loss: int
     in_flight: int  # model-chunk micro-batches held at the peak
     save_host: int  # host memory a checkpoint save takes on this GPU's rank (all at once)
+    kl_reference: int = 0  # GAIL's frozen copy of the weights (--gail-kl-weight > 0)
 
     def total(self, distributed_optimizer: bool) -> int:
         optimizer = self.optimizer_sharded if distributed_optimizer else self.optimizer_replicated
         return (self.weights + self.gradients + optimizer + self.fp8_weight_cache
-                + self.activations + self.logits_and_loss)
+                + self.activations + self.logits_and_loss + self.kl_reference)
+
+
+def has_kl_reference(cfg: TrainConfig) -> bool:
+    """Whether the run keeps GAIL's frozen reference model (``training/reference.py``)."""
+    return cfg.irl.loss == "gail" and cfg.gail.kl_weight > 0
 
 
 def estimate_memory(cfg: TrainConfig, padded_vocab: int, data_parallel: int) -> list[StageMemory]:
@@ -373,5 +379,7 @@ def estimate_memory(cfg: TrainConfig, padded_vocab: int, data_parallel: int) -> 
             optimizer_sharded=-(-optimizer // data_parallel), optimizer_replicated=optimizer,
             fp8_weight_cache=fp8_cache, activations=activations, logits_and_loss=logits,
             in_flight=in_flight,
-            save_host=optimizer if p.use_distributed_optimizer else 0))
+            save_host=optimizer if p.use_distributed_optimizer else 0,
+            # The reference is built like the trained model: the same weights' bytes.
+            kl_reference=weights if has_kl_reference(cfg) else 0))
     return stages

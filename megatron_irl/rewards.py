@@ -3,18 +3,19 @@
     megatron-irl rewards --load runs/tiny/checkpoints --data runs/tiny/eval/samples.jsonl \\
         --output runs/tiny/rewards.jsonl
 
-Reads (prompt, response) records (``samples.jsonl`` of ``megatron-irl eval`` works as is)
-and writes one JSONL line per record: its line number, per-token rewards ``delta_t``
-over the response tokens, the return (their sum), ``V(s_0)`` and ``log pi(response |
-prompt)``. When the records carry a task score (``--score-field``, default "score"), also
-prints the Spearman rank correlation of return and score and writes it to
-``<output>.summary.json`` with the plot ``<output>.return_vs_score.png``.
+Reads (prompt, response) records (``samples.jsonl`` of ``megatron-irl eval`` works as is:
+its ``finished`` and ``setting`` fields are honoured) and writes one JSONL line per record: its
+line number, per-token rewards ``delta_t`` over the response tokens, the return (their sum),
+``V(s_0)`` and ``log pi(response | prompt)``. When the records carry a task score
+(``--score-field``, default "score"), also prints and writes to ``<output>.summary.json`` the
+Spearman rank correlations of the return, of ``log pi`` and of ``V(s_0)`` with the score, per
+decoding setting, within and across prompts (``evaluation/reward_analysis.py``), with the
+scatter plot of all samples ``<output>.return_vs_score.png``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 
@@ -27,8 +28,8 @@ def _output_stem(output: str) -> str:
 
 def _write_outputs(options: RewardsOptions, gamma: float, pairs, extracted,
                    data_report) -> None:
-    from megatron_irl.evaluation.metrics import spearman
     from megatron_irl.evaluation.plots import plot_return_vs_score
+    from megatron_irl.evaluation.reward_analysis import format_correlations, rank_correlations
 
     os.makedirs(os.path.dirname(os.path.abspath(options.output)), exist_ok=True)
     with open(options.output, "w", encoding="utf-8") as out:
@@ -36,7 +37,7 @@ def _write_outputs(options: RewardsOptions, gamma: float, pairs, extracted,
             out.write(json.dumps({
                 "line": pair.line, "rewards": result.rewards, "return": result.sequence_return,
                 "value_initial": result.value_initial, "log_prob": result.log_prob,
-                "score": pair.score,
+                "score": pair.score, "finished": pair.finished, "setting": pair.setting,
             }) + "\n")
     summary = {"checkpoint": options.load, "data": options.data, "gamma": gamma,
                "num_records": len(pairs), "data_problems": data_report.problem_counts}
@@ -44,13 +45,16 @@ def _write_outputs(options: RewardsOptions, gamma: float, pairs, extracted,
     written = [options.output]
     if pairs and all(score is not None for score in scores):
         returns = [result.sequence_return for result in extracted]
-        rho = spearman(returns, scores)  # NaN when the scores (or returns) are all equal
-        summary["spearman_return_vs_score"] = rho if math.isfinite(rho) else None
+        correlations = rank_correlations([
+            {"setting": pair.setting, "prompt": pair.prompt, "score": pair.score,
+             "return": result.sequence_return, "log_prob": result.log_prob,
+             "value_initial": result.value_initial}
+            for pair, result in zip(pairs, extracted)])
+        summary["spearman_vs_score"] = correlations
         plot_path = _output_stem(options.output) + ".return_vs_score.png"
-        plot_return_vs_score(returns, scores, plot_path, spearman=rho)
+        plot_return_vs_score(returns, scores, plot_path)  # all samples, pooled
         written.append(plot_path)
-        print(f"Spearman rank correlation of return and {options.score_field}: {rho:.4f} "
-              f"({len(pairs)} records)", flush=True)
+        print(format_correlations(correlations), flush=True)
     summary_path = _output_stem(options.output) + ".summary.json"
     with open(summary_path, "w", encoding="utf-8") as out:
         json.dump(summary, out, indent=2)

@@ -59,6 +59,7 @@ def test_micro_batch_tensor_layout(dataset):
         "terminal": torch.bool,
         "position_ids": torch.int64,
         "document_ids": torch.int64,
+        "next_position": torch.int64,
     }
     assert {k: v.dtype for k, v in first.items()} == dtypes
     assert all(v.shape == (2, SEQ) for v in first.values())

@@ -77,7 +77,14 @@ def test_rewards_reads_eval_samples_and_writes_returns_and_the_correlation(evalu
     assert len(lines) == len(_samples(evaluated))
     assert all(r["return"] == pytest.approx(sum(r["rewards"]), abs=1e-4) for r in lines)
     summary = json.loads((tmp_path / "rewards.summary.json").read_text())
-    assert "spearman_return_vs_score" in summary and summary["num_records"] == len(lines)
+    assert summary["num_records"] == len(lines)
+    per_setting = summary["spearman_vs_score"]
+    assert sorted(per_setting) == ["T=1", "beam=2", "greedy"]
+    assert per_setting["T=1"]["num_samples"] == 4 * 3 and per_setting["T=1"]["num_prompts"] == 4
+    for entry in per_setting.values():
+        assert set(entry["across_prompts"]) == {"return", "log_prob", "value_initial"}
+    assert {r["setting"] for r in lines} == {"greedy", "T=1", "beam=2"}
+    assert [r["finished"] for r in lines] == [s["finished"] for s in _samples(evaluated)]
     assert (tmp_path / "rewards.return_vs_score.png").exists()
 
 

@@ -11,6 +11,8 @@ from typing import NamedTuple
 import pytest
 import torch
 
+from megatron_irl.config import IRLConfig
+from megatron_irl.config_online import OnlineConfig
 from megatron_irl.loss.online import OnlineSoftQLossOutput, online_soft_q_loss
 from megatron_irl.loss.reference import online_soft_q_loss_reference
 from megatron_irl.loss.soft_q import vocab_parallel_soft_q_loss
@@ -184,7 +186,8 @@ def test_truncated_policy_response_has_no_term_at_its_last_position():
 
 def test_terminal_policy_token_value_difference_is_its_value():
     batch = _policy_row(terminal_last=True)
-    out, _ = run_online(batch.logits, batch, lam=1.0, gamma=0.9, alpha_mix=0.5)
+    out, _ = run_online(batch.logits, batch, lam=1.0, gamma=0.9, alpha_mix=0.5,
+                        td_over="expert")
     assert out.value_diff[0, -1] == out.value[0, -1]
     assert out.policy_loss[0, -1] == 0.5 * out.value[0, -1]
 
@@ -195,11 +198,37 @@ def test_policy_labels_are_ignored_when_td_is_over_expert_tokens():
     for fill in (IGNORE, 0, 10**12):
         labels = torch.where(batch.policy_mask > 0, fill, batch.labels)
         results.append(run_online(batch.logits, batch._replace(labels=labels), lam=1.0,
-                                  gamma=0.9, alpha_mix=0.3))
+                                  gamma=0.9, alpha_mix=0.3, td_over="expert"))
     (out0, grad0), rest = results[0], results[1:]
     for out, grad in rest:
         assert all(torch.equal(a, b) for a, b in zip(out, out0))
         assert torch.equal(grad, grad0)
+
+
+def _default_options() -> dict:
+    """The loss options of ``--irl-loss online`` with every other flag at its default."""
+    irl, online = IRLConfig(loss="online"), OnlineConfig()
+    return dict(lam=irl.irl_lambda, gamma=irl.irl_gamma, alpha_mix=online.alpha_mix,
+                td_over=online.td_over)
+
+
+def test_default_flags_train_every_sampled_token_as_the_reference():
+    # One expert row, one finished sampled response: at gamma 1 with the value term over the
+    # policy states only, it would telescope to V(s_0) and leave tokens 2.. without gradient.
+    base = make_online_batch(2, 6, 7, seed=20, p_trained=1.0)
+    batch = base._replace(
+        loss_mask=torch.tensor([[0.0, 1, 1, 1, 1, 1], [0] * 6]),
+        policy_mask=torch.tensor([[0.0] * 6, [0, 0, 1, 1, 1, 1]]),
+        terminal=torch.tensor([[False] * 5 + [True], [False] * 5 + [True]]),
+        upstream=torch.zeros(6, 2, 6))
+    # The step's loss: sum(expert_loss) / N_E + sum(policy_loss) / N_P.
+    batch.upstream[0] = batch.loss_mask / batch.loss_mask.sum()
+    batch.upstream[1] = batch.policy_mask / batch.policy_mask.sum()
+    out, grad = run_online(batch.logits, batch, **_default_options())
+    ref_out, ref_grad = run_reference(batch.logits, batch, **_default_options())
+    assert_matches_reference(out, grad, ref_out, ref_grad, torch.float32)
+    later_policy_tokens = grad[1, 3:]  # [4, v]: the sampled tokens after the first
+    assert (later_policy_tokens.abs().sum(-1) > 1e-3).all()
 
 
 # ------------------------------------------------------------------ bad input

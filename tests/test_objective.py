@@ -28,6 +28,7 @@ def _batch(b=2, s=5, v=7):
         "labels": torch.randint(0, v, (b, s), generator=generator),
         "loss_mask": loss_mask,
         "terminal": torch.tensor([[0, 0, 0, 1, 0], [0, 1, 0, 0, 0]], dtype=torch.bool),
+        "next_position": torch.arange(1, s + 1).expand(b, s),
     }
 
 

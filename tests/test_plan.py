@@ -252,3 +252,28 @@ def test_recomputation_lowers_the_activation_estimate_in_order():
     full = activations(**{"recompute-granularity": "full", "recompute-method": "uniform",
                           "recompute-num-layers": "1"})
     assert none > selective > full
+
+
+# ------------------------------------------------------------------------------ GAIL's reference
+
+TINY_A_GAIL_KL = {**TINY_A, "irl": dict(loss="gail"), "online": dict(max_new_tokens=16),
+                  "gail": dict(kl_weight=0.1)}
+
+
+def _measure_kl_reference(config: dict, vocab: int) -> int:
+    from megatron_irl.training.reference import ReferencePolicy
+
+    reference = ReferencePolicy(TrainConfig.from_dict(config), vocab)
+    return sum(p.nbytes for p in reference.chunk.parameters())
+
+
+def test_kl_reference_memory_is_a_measured_copy_of_the_weights_in_the_plan(capsys):
+    [measured] = run_distributed(_measure_kl_reference, 1, args=(TINY_A_GAIL_KL, TINY_VOCAB))
+    [with_kl], [without] = _estimate(TINY_A_GAIL_KL, 1), _estimate(TINY_A, 1)
+    assert with_kl.kl_reference == measured == without.weights
+    assert without.kl_reference == 0
+    assert with_kl.total(True) - without.total(True) == measured
+    assert plan.main(LLAMA_8B_PLAN + ["--irl-loss", "gail", "--gail-kl-weight", "0.1",
+                                      "--online-max-new-tokens", "64",
+                                      "--sequence-parallel", "false"]) in (0, 1)
+    assert "KL ref: GAIL's frozen copy" in capsys.readouterr().out

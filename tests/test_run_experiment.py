@@ -50,10 +50,13 @@ def test_reduced_experiment_reports_every_method_at_every_temperature(experiment
     rows = _results_rows(out)
     assert [(row[0], row[1]) for row in rows] == [
         ("MLE", "0"), ("MLE", "1"), ("IQ-Learn lambda=0.1", "0"), ("IQ-Learn lambda=0.1", "1")]
-    for method, temperature, accuracy, self_bleu, *_ in rows:
+    for method, temperature, accuracy, self_bleu, *_, within, across, _nll in rows:
         assert 0.0 <= float(accuracy) <= 1.0
-        # Greedy decoding gives one response per prompt: no Self-BLEU.
+        # Greedy decoding gives one response per prompt: no Self-BLEU, no within-prompt ranks.
         assert (self_bleu == "-") == (temperature == "0")
+        if temperature == "0":  # (sampled prompts may lack one too: equal scores)
+            assert within == "- / -"
+        assert len(across.split(" / ")) == 3
     assert "| method | T | accuracy | Self-BLEU" in result.stdout  # the table is printed
 
 

@@ -30,7 +30,7 @@ def test_policy_rows_mark_sampled_labels_and_keep_a_truncated_next_state():
     tokens = torch.tensor([[1, 5, 6, eos, pad, pad], [1, 7, 8, pad, pad, pad]])
     log_probs = torch.tensor([[0, 0, -0.5, -0.25, 0, 0], [0, -1.0, -2.0, 0, 0, 0]])
     rows = policy_rows(SampleSet(0, tokens, torch.tensor([2, 1]), torch.tensor([4, 3]),
-                                 torch.tensor([True, False]), log_probs), pad)
+                                 torch.tensor([True, False]), log_probs, 2 * log_probs), pad)
     assert rows["tokens"].tolist() == [[1, 5, 6, pad, pad, pad], [1, 7, 8, pad, pad, pad]]
     assert rows["labels"].tolist() == [[5, 6, eos, pad, pad, pad], [7, 8, pad, pad, pad, pad]]
     assert rows["policy_mask"].tolist() == [[0, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]]
@@ -39,6 +39,8 @@ def test_policy_rows_mark_sampled_labels_and_keep_a_truncated_next_state():
     assert rows["document_ids"].tolist() == [[0, 0, 0, -1, -1, -1], [0, 0, 0, -1, -1, -1]]
     assert rows["position_ids"][1].tolist() == [0, 1, 2, 0, 0, 0]
     assert rows["sample_log_prob"].tolist() == [[0, -0.5, -0.25, 0, 0, 0], [-1, -2, 0, 0, 0, 0]]
+    assert rows["ref_log_prob"].tolist() == [[0, -1, -0.5, 0, 0, 0], [-2, -4, 0, 0, 0, 0]]
+    assert rows["next_position"][0].tolist() == [1, 2, 3, 4, 5, 6]
     assert not rows["loss_mask"].any()
 
 
@@ -51,6 +53,8 @@ def test_policy_rows_mark_sampled_labels_and_keep_a_truncated_next_state():
     (lambda: TrainConfig(irl=IRLConfig(loss="online"), online=OnlineConfig(max_new_tokens=128)),
      "--online-max-new-tokens"),
     (lambda: TrainConfig(online=OnlineConfig(alpha_mix=0.5)), "--online-alpha-mix"),
+    (lambda: TrainConfig(irl=IRLConfig(loss="online"), online=OnlineConfig(td_over="expert")),
+     "--online-td-over expert with --irl-gamma 1"),
 ])
 def test_sampling_losses_reject_what_they_cannot_run_naming_the_flag(make, flag):
     with pytest.raises(ConfigError, match=flag):
@@ -104,11 +108,23 @@ def test_gail_trains_under_pp2_and_logs_its_metrics(gail_runs):
     assert steps[-1]["disc_loss"] < steps[0]["disc_loss"]  # the discriminator learns
 
 
+def test_gail_kl_to_the_starting_model_is_zero_until_the_policy_moves(gail_runs):
+    kl = [step["kl"] for step in gail_runs["whole"]]
+    # Steps 1 and 2 train on samples drawn and scored by the starting weights: at step 1 the
+    # policy is still those weights (only float rounding of other batch shapes differs).
+    assert abs(kl[0]) < 1e-4
+    # Later samples come from the moved policy: log pi - log pi_ref on them estimates
+    # KL(pi || pi_ref) > 0, no longer about 0 as towards the sampling policy.
+    assert all(value > 1e-3 for value in kl[2:]), kl
+
+
 def test_gail_resume_continues_the_sampling_schedule_and_the_losses(gail_runs):
     whole, resumed = gail_runs["whole"], gail_runs["resumed"]
     assert [step["sample_step"] for step in whole] == [0, 0, 2, 2, 4]
     assert [step["sample_step"] for step in resumed] == [2, 4]
-    for name in ("loss", "disc_loss", "reward"):
+    # The resumed run penalises towards the same reference (<save>/gail_reference), not
+    # towards the weights it resumed from.
+    for name in ("loss", "disc_loss", "reward", "kl"):
         assert_same_losses({s["iteration"]: s[name] for s in resumed},
                            {s["iteration"]: s[name] for s in whole if s["iteration"] > 3})
     assert list(losses(resumed)) == [4, 5]

@@ -11,7 +11,8 @@ Steps, each skipped when its output already exists (re-running resumes an experi
      order and dropout);
   3. ``megatron-irl eval`` each fine-tuned model (accuracy, Self-BLEU, distinct correct
      responses per prompt, entropy at each temperature) and ``megatron-irl rewards`` on its
-     samples (Spearman correlation of the extracted return with correctness);
+     samples (Spearman correlations with correctness of the return, of log pi and of V(s_0), per
+     temperature, within and across prompts);
   4. write ``results.md`` (mean +- standard error over seeds) and ``tradeoff.png`` to the
      output directory, and export the first method's first seed to Hugging Face format.
 ``--reduced`` uses the file's ``reduced`` section (fewer methods, seeds and prompts): the
@@ -127,7 +128,7 @@ def _fine_tune_and_evaluate(plan: dict, out: str, pretrained: str, threads: int 
         summary = json.load(file)
     with open(metrics_file, encoding="utf-8") as file:
         valid = [json.loads(line) for line in file if '"split": "valid"' in line]
-    return {"report": report, "spearman": summary.get("spearman_return_vs_score"),
+    return {"report": report, "spearman": summary.get("spearman_vs_score", {}),
             "valid_nll": valid[-1]["nll"] if valid else None}
 
 
@@ -139,18 +140,33 @@ def _cell(values: list) -> str:
     return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {stderr:.3f}"
 
 
+def _correlation_cell(correlations: list[dict], kind: str, count: int) -> str:
+    """``return / log pi (/ V(s_0))`` Spearman of one kind, each over the seeds."""
+    names = ("return", "log_prob", "value_initial")[:count]
+    return " / ".join(_cell([c.get(kind, {}).get(name) for c in correlations])
+                      for name in names)
+
+
 def _results_table(results: dict, temperatures: list) -> tuple[str, list[TradeoffPoint]]:
     """Markdown table (mean ± standard error over seeds) and the per-method trade-off points."""
     header = ("| method | T | accuracy | Self-BLEU | distinct correct | entropy | "
-              "Spearman(return, correct) | valid NLL |\n|---|---|---|---|---|---|---|---|")
+              "Spearman within prompt: return / log pi | "
+              "Spearman across prompts: return / log pi / V(s_0) | valid NLL |\n"
+              "|---|---|---|---|---|---|---|---|---|")
     rows, points = [header], []
     for method, runs in results.items():
         for temperature in temperatures:
-            per_seed = [next(s["metrics"] for s in run["report"]["settings"]
+            settings = [next(s for s in run["report"]["settings"]
                              if s.get("temperature") == temperature) for run in runs]
+            per_seed = [setting["metrics"] for setting in settings]
             cells = [_cell([m[name] for m in per_seed]) for name in METRICS]
+            # The reward analysis of this setting's samples only (temperature moves both the
+            # score and the return, so pooling settings would confound them).
+            correlations = [run["spearman"].get(setting["name"], {})
+                            for run, setting in zip(runs, settings)]
             rows.append(f"| {method} | {temperature:g} | " + " | ".join(cells)
-                        + f" | {_cell([r['spearman'] for r in runs])}"
+                        + f" | {_correlation_cell(correlations, 'within_prompt', 2)}"
+                        + f" | {_correlation_cell(correlations, 'across_prompts', 3)}"
                         + f" | {_cell([r['valid_nll'] for r in runs])} |")
             scores = [m["exact_match"] for m in per_seed]
             self_bleus = [m["self_bleu"] for m in per_seed]

@@ -3,7 +3,8 @@
 Micro-batches are dicts of torch tensors, all [b, s] with b = micro_batch_size,
 s = seq_length:
   tokens int64, labels int64, loss_mask float32, terminal bool, position_ids int64,
-  document_ids int64 (-1 = padding; see packing.block_causal_attention_mask).
+  document_ids int64 (-1 = padding; see packing.block_causal_attention_mask), next_position
+  int64 (the state the TD term bootstraps from; see packing).
 
 Training order: the rows are shuffled once per epoch with numpy's default_rng(seed + epoch),
 and the epochs are concatenated into one endless stream. Global batch k is stream entries

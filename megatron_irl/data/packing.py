@@ -13,7 +13,11 @@ document boundary. Rules, in document order (next-fit):
 Per position: loss_mask = 1 iff the label is a response token (so the position that predicts
 the first response token counts); terminal = True only where the label is the document's
 final EOS; position_ids restart at 0 for each document; document_ids is the document's index
-in its store (the same id over one document's positions).
+in its store (the same id over one document's positions); next_position is the row position
+of the state the TD term at that position bootstraps from: the next position, except at the
+last token of a non-final response (a chat's assistant turn), where it is the position that
+predicts the next response's first token (the user's turn in between is the environment's
+move, docs/method.md section 1), or seq_length when that position is cut off by truncation.
 """
 
 from dataclasses import dataclass
@@ -24,7 +28,8 @@ import torch
 from megatron_irl.data.documents import response_mask, trained_positions_in_window
 from megatron_irl.data.report import DataReport
 
-ROW_FIELDS = ("tokens", "labels", "loss_mask", "terminal", "position_ids", "document_ids")
+ROW_FIELDS = ("tokens", "labels", "loss_mask", "terminal", "position_ids", "document_ids",
+              "next_position")
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,26 @@ def padding_row(seq_length: int, pad_id: int) -> dict:
         "terminal": np.zeros(seq_length, dtype=bool),
         "position_ids": np.zeros(seq_length, dtype=np.int64),
         "document_ids": np.full(seq_length, -1, dtype=np.int64),
+        "next_position": np.arange(1, seq_length + 1, dtype=np.int64),
     }
+
+
+def document_next_positions(segment_lengths, positions: int) -> np.ndarray:
+    """int64 [positions]: the next-state position of each of a document's first ``positions``
+    positions, relative to its first one (``positions`` or more: not in the window).
+
+    ``t + 1``, except at the position predicting a non-final response's last token, which
+    bootstraps from the position predicting the next response's first token.
+    """
+    next_positions = np.arange(1, positions + 1, dtype=np.int64)
+    ends = np.cumsum(segment_lengths)  # segment k ends before token ends[k]
+    for k in range(1, len(segment_lengths) - 2, 2):  # the non-final responses
+        last_token, next_first = int(ends[k]) - 1, int(ends[k + 1])
+        if segment_lengths[k] == 0 or last_token - 1 >= positions:
+            continue
+        # Position i predicts token i + 1.
+        next_positions[last_token - 1] = min(next_first - 1, positions)
+    return next_positions
 
 
 def build_row(documents, plan: PackPlan, row: int, pad_id: int) -> dict:
@@ -107,6 +131,11 @@ def build_row(documents, plan: PackPlan, row: int, pad_id: int) -> dict:
         out["terminal"][end - 1] = positions == len(tokens) - 1
         out["position_ids"][offset:end] = np.arange(positions)
         out["document_ids"][offset:end] = index
+        next_positions = document_next_positions(documents.segment_lengths(index), positions)
+        # Past the document's window is past the row: only a truncated document (alone in
+        # its row) has one.
+        out["next_position"][offset:end] = np.where(next_positions < positions,
+                                                    offset + next_positions, plan.seq_length)
         offset = end
     return out
 

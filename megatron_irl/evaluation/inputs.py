@@ -33,9 +33,12 @@ class ScoredPair:
     """One (prompt, response) document for reward extraction."""
 
     line: int
-    tokens: list[int]  # BOS + context + response + EOS
+    tokens: list[int]  # BOS + context + response (+ EOS when finished)
     segment_lengths: list[int]
     score: float | None  # the record's task score, when it has one
+    finished: bool = True  # False: the response was cut by the token budget (no EOS)
+    prompt: str = ""  # the context text: samples of one prompt share it
+    setting: str | None = None  # the decoding setting that drew it (``eval``'s "setting")
 
 
 def _records(path: str, limit: int | None) -> tuple[list[Record], DataReport]:
@@ -87,7 +90,8 @@ def read_scored_pairs(path: str, tokenizer: Tokenizer, score_field: str,
 
     Scores are all-or-nothing: when any record has ``score_field``, every record must
     have a number there (else DataError naming the line), so that a correlation is never
-    computed over a silently smaller set.
+    computed over a silently smaller set. A record with ``"finished": false`` (``eval``'s
+    samples cut by ``--max-new-tokens``) is tokenized without the closing EOS: it did not end.
     """
     records, report = _records(path, limit)
     scored = [score_field in record.fields for record in records]
@@ -97,7 +101,19 @@ def read_scored_pairs(path: str, tokenizer: Tokenizer, score_field: str,
         if any(scored) and (isinstance(score, bool) or not isinstance(score, (int, float))):
             raise DataError(f"{path}:{record.line}: '{score_field}' must be a number (other "
                             f"records have one), got {score!r}")
+        finished = record.fields.get("finished", True)
+        if not isinstance(finished, bool):
+            raise DataError(f"{path}:{record.line}: 'finished' must be true or false, "
+                            f"got {finished!r}")
+        setting = record.fields.get("setting")
         tokens, lengths = tokenize_segments(record.segments, tokenizer)
+        if not finished:
+            tokens, lengths = tokens[:-1], lengths[:-1] + [lengths[-1] - 1]
+            if lengths[-1] == 0:
+                raise DataError(f"{path}:{record.line}: an unfinished response must have at "
+                                "least one token")
         pairs.append(ScoredPair(record.line, tokens, lengths,
-                                float(score) if score is not None else None))
+                                float(score) if score is not None else None, finished,
+                                "".join(text for text, _ in record.segments[:-1]),
+                                None if setting is None else str(setting)))
     return pairs, report

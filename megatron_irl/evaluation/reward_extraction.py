@@ -7,6 +7,11 @@ packing, so a row's positions are one document's). The per-token rewards are the
 ``delta`` output of ``vocab_parallel_soft_q_loss`` at the response positions, exactly as
 training computes it; the sequence return is their sum. With gamma = 1 the return
 telescopes to ``log pi(response | prompt) + V(s_0)``, which the output also carries.
+
+A response cut by the token budget (``finished`` false) has no EOS and is truncated, not
+terminal, as a document cut by ``--seq-length`` in training: its last token's next state is
+unknown, so that token has no TD term and no reward (the return then telescopes to
+``log pi`` of the other tokens ``+ V(s_0) - V`` of the state before the last token).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from megatron_irl.data import block_causal_attention_mask
 from megatron_irl.data.packing import PackPlan, build_row
 from megatron_irl.evaluation.inputs import ScoredPair
 from megatron_irl.loss import vocab_parallel_soft_q_loss
+from megatron_irl.loss.soft_q import td_active_mask
 
 
 class _PairDocuments:
@@ -48,6 +54,9 @@ def document_rows(pairs: list[ScoredPair], seq_length: int, pad_id: int) -> dict
                     np.array([len(p.tokens) - 1 for p in pairs], dtype=np.int64))
     documents = _PairDocuments(pairs)
     rows = [build_row(documents, plan, row, pad_id) for row in range(len(pairs))]
+    for pair, row in zip(pairs, rows):
+        # build_row reads a whole document as complete; an unfinished one did not end.
+        row["terminal"][:] &= pair.finished
     return {name: torch.from_numpy(np.stack([row[name] for row in rows])) for name in rows[0]}
 
 
@@ -55,9 +64,10 @@ def document_rows(pairs: list[ScoredPair], seq_length: int, pad_id: int) -> dict
 class ExtractedRewards:
     """One document's rewards, over its response tokens in order."""
 
-    rewards: list[float]  # delta_t at each response position
+    rewards: list[float]  # delta_t at each response position with a TD term (all but an
+    #                       unfinished response's last)
     value_initial: float  # V(s_0): the soft value before the first response token
-    log_prob: float  # log pi(response | prompt), EOS included
+    log_prob: float  # log pi(response | prompt), EOS included when finished
 
     @property
     def sequence_return(self) -> float:
@@ -67,7 +77,8 @@ class ExtractedRewards:
 def _rewards_of_batch(logits: torch.Tensor, batch: dict, gamma: float):
     """The schedule's loss function: no loss, the per-token delta / value / nll instead."""
     out = vocab_parallel_soft_q_loss(logits, batch["labels"], batch["loss_mask"],
-                                     batch["terminal"], lam=0.0, gamma=gamma)
+                                     batch["terminal"], lam=0.0, gamma=gamma,
+                                     next_position=batch["next_position"])
     per_token = {"delta": out.delta.detach(), "value": out.value.detach(),
                  "nll": out.nll.detach()}
     return torch.zeros((), device=logits.device), torch.tensor(0, dtype=torch.int), per_token
@@ -108,11 +119,12 @@ def extract_rewards(model, pairs: list[ScoredPair], gamma: float, micro_batch_si
         return None
     delta, value, nll = (torch.cat([m[name] for m in per_micro_batch]).cpu()
                          for name in ("delta", "value", "nll"))
+    td_active = td_active_mask(rows["loss_mask"], rows["terminal"], rows["next_position"])
     results = []
     for row in range(len(pairs)):
         trained = rows["loss_mask"][row] > 0  # [s] the positions predicting response tokens
         results.append(ExtractedRewards(
-            rewards=delta[row][trained].tolist(),
+            rewards=delta[row][td_active[row]].tolist(),
             value_initial=float(value[row][trained][0]),
             log_prob=-float(nll[row][trained].sum()),
         ))

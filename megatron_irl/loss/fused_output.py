@@ -22,11 +22,12 @@ row max) and the row maxima and sums are combined over the TP ranks flash-style
 the gradient w.r.t. the logits is ``coef_value_t * softmax_t + coef_target_t * onehot(a_t)``
 (``soft_q._per_token_grad_coefficients``). The TD term couples neighbours:
 
-- ``coef_value_t`` needs ``V(s_t)`` and the *previous* token's target logit (through
-  ``delta_{t-1}``), both known when the chunk is reached, since chunks run in token order. So
+- ``coef_value_t`` needs ``V(s_t)`` and the target logit of the trained token ``t'`` whose
+  next state is ``t`` (through ``delta_{t'}``; ``t' = t - 1`` except after a chat's user turn),
+  both known when the chunk is reached, since chunks run in token order and ``t' < t``. So
   the softmax part goes through the two gradient matmuls right away (``_softmax_coefficient``).
-- ``coef_target_t`` needs ``delta_t``, hence the *next* token's ``V(s_{t+1})``, which may lie in
-  the next chunk. The one-hot part is only a gather and a scatter of ``[tokens, h]`` rows (no
+- ``coef_target_t`` needs ``delta_t``, hence the *next* state's ``V(s_{n_t})``, which may lie
+  in a later chunk. The one-hot part is only a gather and a scatter of ``[tokens, h]`` rows (no
   matmul), so it is added after the last chunk, with the coefficients of the unfused loss.
 
 Collectives over ``tp_group`` (all on contiguous tensors; none at one rank):
@@ -61,6 +62,8 @@ from megatron_irl.loss.soft_q import (
     _per_token_grad_coefficients,
     _per_token_terms,
     _vocab_range,
+    bootstraps_mask,
+    default_next_position,
 )
 
 
@@ -95,31 +98,35 @@ def _chunk_logits(hidden_rows: torch.Tensor, weight: torch.Tensor, buffer: torch
     return out
 
 
-def _previous_token_weight(loss_mask, terminal, lam, gamma, stop_value_grad) -> torch.Tensor:
-    """``[b*s]`` fp32: how much ``delta_{t-1}`` pulls on ``V(s_t)`` in ``d(sum loss)/dV(s_t)``.
-
-    ``2 * lam * gamma * loss_mask_{t-1}`` where the TD term of t-1 bootstraps from ``V(s_t)``
-    (t - 1 in the same row, not terminal), else 0; all 0 with ``stop_value_grad``.
-    """
-    weight = torch.zeros_like(loss_mask, dtype=torch.float32)  # [b, s]
+def _previous_token(loss_mask, terminal, next_position, lam, gamma, stop_value_grad):
+    """For each flat token t of ``[b*s]``: the trained token ``t'`` whose TD term bootstraps
+    from ``V(s_t)`` (``n_{t'} = t``; int64, 0 where none) and how much ``delta_{t'}`` pulls on
+    ``V(s_t)`` in ``d(sum loss)/dV(s_t)`` (fp32): ``2 * lam * gamma * loss_mask_{t'}``, else 0;
+    all 0 with ``stop_value_grad``. ``t' < t`` and at most one per t (checked with
+    ``check_labels``)."""
+    b, s = loss_mask.shape
+    weight = torch.zeros(b * s, dtype=torch.float32, device=loss_mask.device)
+    previous = torch.zeros(b * s, dtype=torch.int64, device=loss_mask.device)
     if not stop_value_grad:
-        weight[:, 1:] = 2.0 * lam * gamma * loss_mask[:, :-1] * (~terminal[:, :-1])
-    return weight.reshape(-1)
+        pulls = (loss_mask > 0) & bootstraps_mask(terminal, next_position)  # [b, s]
+        row_start = torch.arange(b, device=loss_mask.device)[:, None] * s
+        target = (row_start + next_position)[pulls]
+        weight[target] = (2.0 * lam * gamma * loss_mask * (~terminal))[pulls]
+        previous[target] = (row_start + torch.arange(s, device=loss_mask.device))[pulls]
+    return previous, weight
 
 
-def _softmax_coefficient(rows, value, target_logit, loss_mask, previous_weight, gamma):
+def _softmax_coefficient(rows, value, target_logit, loss_mask, previous, previous_weight,
+                         gamma):
     """``coef_value`` of ``soft_q._per_token_grad_coefficients`` for ``d(sum loss)``, at the
     flat token ``rows`` (a slice of ``[b*s]``), from what the chunks so far have given.
 
     With upstream gradient 1 on every loss it is ``loss_mask_t - previous_weight_t *
-    delta_{t-1}``, where ``delta_{t-1} = z_{t-1}[a_{t-1}] - gamma * V(s_t)`` wherever
-    ``previous_weight_t`` is not 0. Reads ``value`` at ``rows`` and ``target_logit`` at
-    ``rows - 1`` (the first token has no predecessor: its weight is 0).
+    delta_{t'}``, where ``delta_{t'} = z_{t'}[a_{t'}] - gamma * V(s_t)`` wherever
+    ``previous_weight_t`` is not 0 (``t' = previous_t``, ``_previous_token``). Reads
+    ``value`` at ``rows`` and ``target_logit`` at ``previous[rows]``, all computed already.
     """
-    previous_target = target_logit[max(rows.start - 1, 0):rows.stop - 1]  # [c] or [c - 1]
-    if rows.start == 0:
-        previous_target = torch.cat((previous_target.new_zeros(1), previous_target))
-    previous_delta = previous_target - gamma * value[rows]
+    previous_delta = target_logit[previous[rows]] - gamma * value[rows]
     return loss_mask[rows] - previous_weight[rows] * previous_delta  # [c]
 
 
@@ -151,8 +158,8 @@ class _FusedOutputSoftQLossSum(torch.autograd.Function):
     """Forward and backward of ``fused_output_soft_q_loss_sum``; see there and the module doc."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, loss_mask, terminal, lam, gamma, stop_value_grad,
-                chunk_size, tp_group, want_hidden, want_weight):
+    def forward(ctx, hidden, weight, labels, loss_mask, terminal, next_position, lam, gamma,
+                stop_value_grad, chunk_size, tp_group, want_hidden, want_weight):
         b, s, h = hidden.shape
         num_tokens = b * s
         flat_hidden = hidden.reshape(num_tokens, h)  # [t, h]
@@ -161,8 +168,8 @@ class _FusedOutputSoftQLossSum(torch.autograd.Function):
         owned = (flat_labels >= vocab_start) & (flat_labels < vocab_end)  # [t]
         local_label = torch.where(owned, flat_labels - vocab_start, 0)  # [t]
         flat_mask = loss_mask.reshape(-1).float()
-        previous_weight = _previous_token_weight(loss_mask, terminal, lam, gamma,
-                                                 stop_value_grad)
+        previous, previous_weight = _previous_token(loss_mask, terminal, next_position, lam,
+                                                    gamma, stop_value_grad)
 
         value = torch.empty(num_tokens, dtype=torch.float32, device=hidden.device)  # V(s_t)
         target_logit = torch.empty_like(value)  # z_t[a_t]
@@ -185,8 +192,8 @@ class _FusedOutputSoftQLossSum(torch.autograd.Function):
             neg_log_prob[rows] = log_sum_exp - shifted_target
             if not (want_hidden or want_weight):
                 continue
-            coef = _softmax_coefficient(rows, value, target_logit, flat_mask, previous_weight,
-                                        gamma)
+            coef = _softmax_coefficient(rows, value, target_logit, flat_mask, previous,
+                                        previous_weight, gamma)
             # The softmax part of the gradient w.r.t. the logits is exp_logits * token_scale
             # (per column); the scale goes onto the [c, h] side of each matmul instead, which
             # saves a pass over the [v/tp, c] buffer.
@@ -202,11 +209,12 @@ class _FusedOutputSoftQLossSum(torch.autograd.Function):
 
         out, td_active = _per_token_terms(
             value.view(b, s), target_logit.view(b, s), neg_log_prob.view(b, s),
-            loss_mask, terminal, lam, gamma,
+            loss_mask, terminal, next_position, lam, gamma,
         )
         if want_hidden or want_weight:
             _add_one_hot_part(out, flat_hidden, weight, owned, local_label, loss_mask, terminal,
-                              td_active, lam, gamma, chunk_size, grad_hidden, grad_weight)
+                              next_position, td_active, lam, gamma, chunk_size, grad_hidden,
+                              grad_weight)
         ctx.grad_hidden = grad_hidden.view(b, s, h) if want_hidden else None
         ctx.grad_weight = grad_weight.to(weight.dtype) if want_weight else None
         ctx.tp_group = tp_group
@@ -221,25 +229,27 @@ class _FusedOutputSoftQLossSum(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
         del ctx.grad_hidden, ctx.grad_weight  # the returned tensors are the only references
         if grad_loss_sum is None:
-            return (None,) * 12
+            return (None,) * 13
         # In place: the gradients of the sum become those of grad_loss_sum * sum.
         if grad_hidden is not None:
             grad_hidden.mul_(grad_loss_sum)
             all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.tp_group)  # contiguous [b, s, h]
         if grad_weight is not None:
             grad_weight.mul_(grad_loss_sum)
-        return (grad_hidden, grad_weight) + (None,) * 10
+        return (grad_hidden, grad_weight) + (None,) * 11
 
 
 def _add_one_hot_part(out, flat_hidden, weight, owned, local_label, loss_mask, terminal,
-                      td_active, lam, gamma, chunk_size, grad_hidden, grad_weight):
+                      next_position, td_active, lam, gamma, chunk_size, grad_hidden,
+                      grad_weight):
     """Adds ``coef_target_t * onehot(a_t)``'s share to ``grad_hidden`` ``[t, h]`` (rows
     ``coef * weight[a_t]``) and ``grad_weight`` ``[v/tp, h]`` fp32 (``coef * hidden_t`` into row
     ``a_t``), where this rank owns ``a_t``; in place, ``chunk_size`` tokens at a time so that
     no extra ``[t, h]`` tensor is made."""
     upstream = SoftQLossOutput(torch.ones_like(out.loss), *(torch.zeros_like(out.loss),) * 3)
     _, coef_target = _per_token_grad_coefficients(
-        upstream, out.delta, loss_mask, terminal, td_active, lam, gamma, stop_value_grad=True,
+        upstream, out.delta, loss_mask, terminal, next_position, td_active, lam, gamma,
+        stop_value_grad=True,
     )  # stop_value_grad changes only coef_value, which is not used here
     coef_target = (coef_target.reshape(-1) * owned).unsqueeze(-1)  # [t, 1]
     for rows in _chunks(flat_hidden.size(0), chunk_size):
@@ -262,6 +272,7 @@ def fused_output_soft_q_loss_sum(
     *,
     lam: float,
     gamma: float,
+    next_position: Optional[torch.Tensor] = None,
     chunk_size: int = 256,
     tp_group: Optional[dist.ProcessGroup] = None,
     stop_value_grad: bool = False,
@@ -277,8 +288,8 @@ def fused_output_soft_q_loss_sum(
         weight: ``[v/tp, h]`` this rank's vocabulary shard of the output weight
             (ColumnParallelLinear's layout; the tied embedding weight has it too), rows
             ``[r * v/tp, (r + 1) * v/tp)`` on rank r; same dtype as ``hidden``.
-        labels, loss_mask, terminal, lam, gamma, stop_value_grad, check_labels: as in
-            ``vocab_parallel_soft_q_loss``.
+        labels, loss_mask, terminal, next_position, lam, gamma, stop_value_grad,
+            check_labels: as in ``vocab_parallel_soft_q_loss``.
         chunk_size: tokens per chunk (any size >= 1); the working buffer is
             ``[v/tp, chunk_size]`` fp32, e.g. 128 MiB for 256 tokens at v/tp = 128k.
         tp_group: tensor-parallel group; defaults to Megatron's when initialised, else one rank.
@@ -316,14 +327,17 @@ def fused_output_soft_q_loss_sum(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size (--fused-output-chunk-size) must be an int >= 1, "
                          f"got {chunk_size!r}")
+    if next_position is None:
+        next_position = default_next_position(labels)
     _check_per_token_inputs(
         f"hidden {tuple(hidden.shape)}", hidden.shape[:2], hidden.device,
-        labels, loss_mask, terminal, lam, gamma,
+        labels, loss_mask, terminal, next_position, lam, gamma,
         vocab_size=weight.size(0) * tp_size if check_labels else None,
     )
     grad_enabled = torch.is_grad_enabled()
     loss_sum, *per_token = _FusedOutputSoftQLossSum.apply(
-        hidden, weight, labels, loss_mask, terminal, float(lam), float(gamma), stop_value_grad,
+        hidden, weight, labels, loss_mask, terminal, next_position, float(lam), float(gamma),
+        stop_value_grad,
         chunk_size, tp_group, grad_enabled and hidden.requires_grad,
         grad_enabled and weight.requires_grad,
     )

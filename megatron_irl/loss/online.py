@@ -8,8 +8,10 @@ the model). Expectations are per-token means: ``E_E[f] = sum_{t in E} f_t / N_E`
 ``E_P[f] = sum_{t in P} f_t / N_P``, with N_E, N_P the numbers of expert and policy tokens
 (positions with ``loss_mask > 0``, ``policy_mask > 0``) of the whole global batch.
 
-Per-token form. With ``u_t = V(s_t) - gamma (1 - terminal_t) V(s_{t+1})`` (value difference) and
-``delta_t = Q(s_t, a_t) - gamma (1 - terminal_t) V(s_{t+1})`` (TD residual), the expert pair
+Per-token form. With ``u_t = V(s_t) - gamma (1 - terminal_t) V(s')`` (value difference) and
+``delta_t = Q(s_t, a_t) - gamma (1 - terminal_t) V(s')`` (TD residual), where ``s'`` is the
+state at ``next_position[t]`` (``t + 1`` but after a chat's user turn, ``loss/soft_q.py``), the
+expert pair
 ``-delta_t + (1 - alpha_mix) u_t`` is ``nll_t - alpha_mix * u_t``, because ``u_t - delta_t =
 V(s_t) - Q(s_t, a_t) = -log pi(a_t|s_t)``: V(s') cancels. Hence
 
@@ -42,6 +44,7 @@ import torch.distributed as dist
 
 from megatron_irl.loss.soft_q import (
     _next_state_value,
+    default_next_position,
     td_active_mask,
     vocab_parallel_soft_q_loss,
 )
@@ -60,13 +63,13 @@ class OnlineSoftQLossOutput(NamedTuple):
     value_diff: torch.Tensor  # u_t on expert and policy tokens whose next state is known
 
 
-def value_difference(value: torch.Tensor, terminal: torch.Tensor, gamma: float,
-                     active: torch.Tensor) -> torch.Tensor:
-    """``u_t = V(s_t) - gamma (1 - terminal_t) V(s_{t+1})`` where ``active``, else 0; ``[b, s]``.
+def value_difference(value: torch.Tensor, terminal: torch.Tensor, next_position: torch.Tensor,
+                     gamma: float, active: torch.Tensor) -> torch.Tensor:
+    """``u_t = V(s_t) - gamma (1 - terminal_t) V(s_{n_t})`` where ``active``, else 0; ``[b, s]``.
 
     Differentiable through both values (no stop-gradient: the initial-state term needs both).
     """
-    u = value - gamma * (~terminal).float() * _next_state_value(value)
+    u = value - gamma * (~terminal).float() * _next_state_value(value, next_position)
     return torch.where(active, u, 0.0)
 
 
@@ -102,7 +105,8 @@ def online_soft_q_loss(
     lam: float,
     gamma: float,
     alpha_mix: float,
-    td_over: str = "expert",
+    td_over: str = "mixture",
+    next_position: Optional[torch.Tensor] = None,
     tp_group: Optional[dist.ProcessGroup] = None,
     stop_value_grad: bool = False,
     check_inputs: bool = False,
@@ -122,6 +126,8 @@ def online_soft_q_loss(
         alpha_mix: policy weight of the mixture in [0, 1]; 0 gives the offline loss.
         td_over: ``"expert"``: TD-squared over expert transitions; ``"mixture"``: over
             ``(1 - alpha_mix) E + alpha_mix P``.
+        next_position: ``[b, s]`` int64 next-state positions, as ``vocab_parallel_soft_q_loss``
+            (None: ``t + 1``).
         tp_group: tensor-parallel group; defaults to Megatron's when initialised.
         stop_value_grad: ablation; no gradient through ``V(s_{t+1})`` in the TD-squared term
             (the value difference ``u_t`` always differentiates both values).
@@ -139,17 +145,20 @@ def online_soft_q_loss(
     softmax in forward and with their gradient in backward.
     """
     _check_online_inputs(loss_mask, policy_mask, alpha_mix, td_over, check_inputs)
+    if next_position is None:
+        next_position = default_next_position(labels)
     expert = loss_mask > 0
     policy = policy_mask > 0
     mixture_td = td_over == "mixture"
     # TD residuals (and target logits) are needed on the tokens the TD term covers.
     td_mask = loss_mask + policy_mask if mixture_td else loss_mask
     out = vocab_parallel_soft_q_loss(
-        logits, labels, td_mask, terminal, lam=lam, gamma=gamma, tp_group=tp_group,
-        stop_value_grad=stop_value_grad, check_labels=check_inputs,
+        logits, labels, td_mask, terminal, lam=lam, gamma=gamma, next_position=next_position,
+        tp_group=tp_group, stop_value_grad=stop_value_grad, check_labels=check_inputs,
     )
-    known = td_active_mask(loss_mask + policy_mask, terminal)  # next state known, [b, s]
-    u = value_difference(out.value, terminal, gamma, known)
+    # next state known, [b, s]
+    known = td_active_mask(loss_mask + policy_mask, terminal, next_position)
+    u = value_difference(out.value, terminal, next_position, gamma, known)
     alpha = float(alpha_mix)
 
     # out.loss = td_mask * (nll + lam * delta^2): the offline loss on expert tokens.

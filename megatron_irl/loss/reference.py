@@ -11,7 +11,21 @@ import torch
 
 from megatron_irl.loss.gail import GailPolicyLossOutput
 from megatron_irl.loss.online import OnlineSoftQLossOutput
-from megatron_irl.loss.soft_q import SoftQLossOutput
+from megatron_irl.loss.soft_q import SoftQLossOutput, default_next_position
+
+
+def _next_value_and_known(value, terminal, next_position):
+    """``V(s_{n_t})`` (0 past the row) and whether t's next state is known, ``[b, s]`` each,
+    written out with a Python loop over positions (no gather, no scatter)."""
+    b, s = value.shape
+    if next_position is None:
+        next_position = default_next_position(value)
+    columns = []
+    for t in range(s):
+        n = next_position[:, t]
+        picked = value[torch.arange(b), n.clamp(max=s - 1)]
+        columns.append(torch.where(n < s, picked, torch.zeros_like(picked)))
+    return torch.stack(columns, dim=1), terminal | (next_position < s)
 
 
 def soft_q_loss_reference(
@@ -22,24 +36,22 @@ def soft_q_loss_reference(
     *,
     lam: float,
     gamma: float,
+    next_position: torch.Tensor | None = None,
     stop_value_grad: bool = False,
 ) -> SoftQLossOutput:
     """Same contract as ``vocab_parallel_soft_q_loss`` with the whole vocabulary ``[b, s, v]``.
 
     Computes in the dtype of ``logits`` (pass float64 for a tight reference).
     """
-    b, s, v = logits.shape
+    v = logits.size(-1)
     trained = loss_mask > 0
     value = torch.logsumexp(logits, dim=-1)  # V(s_t)             [b, s]
     safe_labels = torch.where(trained, labels, 0).clamp(0, v - 1)
     target_logit = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)  # z_t[a_t]
 
-    next_value = torch.cat([value[:, 1:], value.new_zeros(b, 1)], dim=1)  # V(s_{t+1})
+    next_value, next_state_known = _next_value_and_known(value, terminal, next_position)
     if stop_value_grad:
         next_value = next_value.detach()
-    next_state_known = torch.cat(
-        [torch.ones(b, s - 1, dtype=torch.bool, device=logits.device), terminal[:, -1:]], dim=1
-    )
     td_active = trained & next_state_known
 
     delta = target_logit - gamma * (~terminal).to(logits.dtype) * next_value
@@ -60,7 +72,8 @@ def online_soft_q_loss_reference(
     lam: float,
     gamma: float,
     alpha_mix: float,
-    td_over: str = "expert",
+    td_over: str = "mixture",
+    next_position: torch.Tensor | None = None,
     stop_value_grad: bool = False,
 ) -> OnlineSoftQLossOutput:
     """Same contract as ``online_soft_q_loss`` with the whole vocabulary ``[b, s, v]``, written
@@ -68,16 +81,13 @@ def online_soft_q_loss_reference(
     token (which reduces to ``V - Q`` where the next state is unknown), ``alpha_mix (V - gamma
     V')`` per policy token, and the TD-squared term over the chosen transitions.
     """
-    b, s, v = logits.shape
+    v = logits.size(-1)
     expert, policy = loss_mask > 0, policy_mask > 0
     td_tokens = expert | policy if td_over == "mixture" else expert
     value = torch.logsumexp(logits, dim=-1)  # V(s_t)  [b, s]
     safe_labels = torch.where(td_tokens, labels, 0).clamp(0, v - 1)
     q = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)  # Q(s_t, a_t)
-    next_value = torch.cat([value[:, 1:], value.new_zeros(b, 1)], dim=1)  # V(s_{t+1})
-    next_state_known = torch.cat(
-        [torch.ones(b, s - 1, dtype=torch.bool, device=logits.device), terminal[:, -1:]], dim=1
-    )
+    next_value, next_state_known = _next_value_and_known(value, terminal, next_position)
     known = (expert | policy) & next_state_known
     discount = gamma * (~terminal).to(logits.dtype)
     td_target_gap = q - discount * next_value  # Q - gamma V'

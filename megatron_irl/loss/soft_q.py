@@ -4,16 +4,21 @@ The logits ``z_t`` are read as soft Q-values. Per position t of a row (PAPER.md,
 
     V(s_t)   = logsumexp_v z_t[v]                                     (value)
     nll_t    = V(s_t) - z_t[a_t]                                      (-log pi(a_t|s_t))
-    delta_t  = z_t[a_t] - gamma * (1 - terminal_t) * V(s_{t+1})       (implicit reward)
+    delta_t  = z_t[a_t] - gamma * (1 - terminal_t) * V(s_{n_t})       (implicit reward)
     loss_t   = loss_mask_t * (nll_t + lam * delta_t^2)
 
-The TD term is active at t iff ``loss_mask[t]`` and (``terminal[t]`` or ``t + 1 < s``): a row's
+``n_t = next_position[t]`` is the position of the agent's next state: ``t + 1`` (the default),
+except at the last token of a non-final assistant turn of a chat, where it is the position
+that predicts the next assistant turn's first token: the user's tokens in between are the
+environment's move, not actions (docs/method.md, section 1, "Multi-turn records").
+
+The TD term is active at t iff ``loss_mask[t]`` and (``terminal[t]`` or ``n_t < s``): a row's
 last position that is not terminal was cut by the sequence length, its next state is not in
 the batch, so it keeps only its MLE term.
 
 Layout: ``logits`` is ``[b, s, v/tp]``, this rank's contiguous vocabulary shard; everything
 else is ``[b, s]``. With tensor parallelism every rank holds all positions of its shard, so
-the shift ``t -> t+1`` that the TD term needs is local once ``V`` has been all-reduced.
+the gather ``t -> n_t`` that the TD term needs is local once ``V`` has been all-reduced.
 
 The maths lives in small pure helpers (``_per_token_terms``, ``_per_token_grad_coefficients``);
 ``_VocabParallelSoftQLoss`` owns the collectives and the in-place buffer reuse, in the manner
@@ -39,19 +44,30 @@ class SoftQLossOutput(NamedTuple):
     value: torch.Tensor  # V(s_t) = logsumexp(z_t) at every position
 
 
-def _next_state_value(value: torch.Tensor) -> torch.Tensor:
-    """``V(s_{t+1})`` for each t of ``[b, s]``; 0 at the last position (filled in by masks)."""
-    next_value = torch.zeros_like(value)
-    next_value[:, :-1] = value[:, 1:]
-    return next_value
+def default_next_position(like: torch.Tensor) -> torch.Tensor:
+    """int64 ``[b, s]`` ``t + 1`` at every position t of ``like`` ``[b, s]`` (single-turn)."""
+    b, s = like.shape
+    return torch.arange(1, s + 1, device=like.device).expand(b, s)
 
 
-def td_active_mask(loss_mask: torch.Tensor, terminal: torch.Tensor) -> torch.Tensor:
+def _next_state_value(value: torch.Tensor, next_position: torch.Tensor) -> torch.Tensor:
+    """``V(s_{n_t})`` for each t of ``[b, s]``; 0 where ``n_t`` is past the row (masks fill in)."""
+    s = value.size(1)
+    inside = next_position < s
+    return torch.where(inside, value.gather(1, next_position.clamp(max=s - 1)), 0.0)
+
+
+def bootstraps_mask(terminal: torch.Tensor, next_position: torch.Tensor) -> torch.Tensor:
+    """bool ``[b, s]``: the transition at t reads ``V(s_{n_t})`` (not terminal, ``n_t`` in the
+    row)."""
+    return ~terminal & (next_position < terminal.size(1))
+
+
+def td_active_mask(loss_mask: torch.Tensor, terminal: torch.Tensor,
+                   next_position: torch.Tensor) -> torch.Tensor:
     """Where the TD term applies, bool ``[b, s]``: trained, and the next state is known
-    (the transition is terminal, or the next position is in the row)."""
-    next_state_known = terminal.clone()
-    next_state_known[:, :-1] = True
-    return (loss_mask > 0) & next_state_known
+    (the transition is terminal, or its next state's position is in the row)."""
+    return (loss_mask > 0) & (terminal | (next_position < terminal.size(1)))
 
 
 def _per_token_terms(
@@ -60,6 +76,7 @@ def _per_token_terms(
     neg_log_prob: torch.Tensor,
     loss_mask: torch.Tensor,
     terminal: torch.Tensor,
+    next_position: torch.Tensor,
     lam: float,
     gamma: float,
 ) -> tuple[SoftQLossOutput, torch.Tensor]:
@@ -70,9 +87,9 @@ def _per_token_terms(
     Returns the outputs and the bool mask where the TD term is active.
     """
     trained = loss_mask > 0
-    td_active = td_active_mask(loss_mask, terminal)
+    td_active = td_active_mask(loss_mask, terminal, next_position)
     continues = (~terminal).float()
-    delta = target_logit - gamma * continues * _next_state_value(value)
+    delta = target_logit - gamma * continues * _next_state_value(value, next_position)
     delta = torch.where(td_active, delta, 0.0)
     nll = torch.where(trained, neg_log_prob, 0.0)
     loss = loss_mask * (nll + lam * delta.square())
@@ -84,6 +101,7 @@ def _per_token_grad_coefficients(
     delta: torch.Tensor,
     loss_mask: torch.Tensor,
     terminal: torch.Tensor,
+    next_position: torch.Tensor,
     td_active: torch.Tensor,
     lam: float,
     gamma: float,
@@ -104,8 +122,11 @@ def _per_token_grad_coefficients(
     coef_target = td - mle
     coef_value = mle + grads.value
     if not stop_value_grad:
-        # delta_{t-1} depends on V(s_t) with weight -gamma * (1 - terminal_{t-1}).
-        coef_value[:, 1:] -= gamma * (~terminal[:, :-1]).float() * td[:, :-1]
+        # delta_t depends on V(s_{n_t}) with weight -gamma * (1 - terminal_t). Positions whose
+        # n_t is past the row add 0 (to the last position, a valid index).
+        pull = torch.where(bootstraps_mask(terminal, next_position),
+                           -(gamma * (~terminal).float() * td), 0.0)
+        coef_value.scatter_add_(1, next_position.clamp(max=coef_value.size(1) - 1), pull)
     return coef_value, coef_target
 
 
@@ -123,7 +144,8 @@ class _VocabParallelSoftQLoss(torch.autograd.Function):
     """Forward and backward over the vocab-parallel logits; see ``vocab_parallel_soft_q_loss``."""
 
     @staticmethod
-    def forward(ctx, logits, labels, loss_mask, terminal, lam, gamma, stop_value_grad, tp_group):
+    def forward(ctx, logits, labels, loss_mask, terminal, next_position, lam, gamma,
+                stop_value_grad, tp_group):
         # fp32 logits are used as the working buffer (no copy); bf16/fp16 get one fp32 copy.
         buffer = logits.float()  # [b, s, v/tp]
         logits_max = buffer.amax(dim=-1)  # [b, s]
@@ -153,46 +175,51 @@ class _VocabParallelSoftQLoss(torch.autograd.Function):
         target_logit = logits_max + shifted_target  # z_t[a_t]
 
         out, td_active = _per_token_terms(
-            value, target_logit, log_sum_exp - shifted_target, loss_mask, terminal, lam, gamma
+            value, target_logit, log_sum_exp - shifted_target, loss_mask, terminal, next_position,
+            lam, gamma,
         )
 
-        ctx.save_for_backward(buffer, owned, local_label, out.delta, loss_mask, terminal, td_active)
+        ctx.save_for_backward(buffer, owned, local_label, out.delta, loss_mask, terminal,
+                              next_position, td_active)
         ctx.lam, ctx.gamma, ctx.stop_value_grad = lam, gamma, stop_value_grad
         ctx.set_materialize_grads(False)
         return out
 
     @staticmethod
     def backward(ctx, grad_loss, grad_nll, grad_delta, grad_value):
-        softmax, owned, local_label, delta, loss_mask, terminal, td_active = ctx.saved_tensors
+        (softmax, owned, local_label, delta, loss_mask, terminal, next_position,
+         td_active) = ctx.saved_tensors
         upstream = _upstream_grads((grad_loss, grad_nll, grad_delta, grad_value), delta)
         coef_value, coef_target = _per_token_grad_coefficients(
-            upstream, delta, loss_mask, terminal, td_active,
+            upstream, delta, loss_mask, terminal, next_position, td_active,
             ctx.lam, ctx.gamma, ctx.stop_value_grad,
         )
         # In place: the saved softmax buffer becomes the gradient (backward runs once).
         grad_logits = softmax.mul_(coef_value.unsqueeze(-1))  # [b, s, v/tp]
         grad_logits.scatter_add_(-1, local_label, (coef_target * owned).unsqueeze(-1))
-        return grad_logits, None, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None, None
 
 
-def _check_inputs(logits, labels, loss_mask, terminal, lam, gamma, tp_size, check_labels):
+def _check_inputs(logits, labels, loss_mask, terminal, next_position, lam, gamma, tp_size,
+                  check_labels):
     if logits.dim() != 3:
         raise ValueError(f"logits must be [b, s, v/tp], got shape {tuple(logits.shape)}")
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
     _check_per_token_inputs(
         f"logits {tuple(logits.shape)}", logits.shape[:2], logits.device,
-        labels, loss_mask, terminal, lam, gamma,
+        labels, loss_mask, terminal, next_position, lam, gamma,
         vocab_size=logits.size(-1) * tp_size if check_labels else None,
     )
 
 
 def _check_per_token_inputs(source, batch_shape, device, labels, loss_mask, terminal,
-                            lam, gamma, vocab_size):
+                            next_position, lam, gamma, vocab_size):
     """Checks of the ``[b, s]`` inputs and hyperparameters shared by the unfused and fused
     losses. ``source`` names the tensor they must match; ``vocab_size`` (None: skip) asks for
-    the trained-label range check, which needs a device sync."""
-    per_token = {"labels": labels, "loss_mask": loss_mask, "terminal": terminal}
+    the trained-label and next-position range checks, which need a device sync."""
+    per_token = {"labels": labels, "loss_mask": loss_mask, "terminal": terminal,
+                 "next_position": next_position}
     for name, tensor in per_token.items():
         if tuple(tensor.shape) != tuple(batch_shape):
             raise ValueError(
@@ -207,6 +234,8 @@ def _check_per_token_inputs(source, batch_shape, device, labels, loss_mask, term
         raise TypeError(f"loss_mask must be a float tensor (1 = trained), got {loss_mask.dtype}")
     if terminal.dtype != torch.bool:
         raise TypeError(f"terminal must be a bool tensor, got {terminal.dtype}")
+    if next_position.dtype != torch.int64:
+        raise TypeError(f"next_position must be an int64 tensor, got {next_position.dtype}")
     if not lam >= 0.0 or lam == float("inf"):
         raise ValueError(f"lam (--irl-lambda) must be finite and >= 0, got {lam}")
     if not 0.0 <= gamma <= 1.0:
@@ -219,6 +248,22 @@ def _check_per_token_inputs(source, batch_shape, device, labels, loss_mask, term
                 f"{int(bad.sum())} trained label(s) outside the vocabulary [0, {vocab_size}), "
                 f"e.g. {int(trained_labels[bad][0])}"
             )
+        _check_next_position(loss_mask, next_position)
+
+
+def _check_next_position(loss_mask, next_position):
+    """Each trained position's next state lies after it, and no two trained positions share
+    one (the fused loss relies on both)."""
+    trained = loss_mask > 0
+    s = next_position.size(1)
+    after = next_position > torch.arange(s, device=next_position.device)
+    if not bool(after[trained].all()):
+        raise ValueError("next_position must be > t at every trained position t")
+    inside = trained & (next_position < s)
+    flat = (next_position + s * torch.arange(next_position.size(0),
+                                             device=next_position.device)[:, None])[inside]
+    if flat.numel() != flat.unique().numel():
+        raise ValueError("two trained positions bootstrap from the same next_position")
 
 
 def vocab_parallel_soft_q_loss(
@@ -229,6 +274,7 @@ def vocab_parallel_soft_q_loss(
     *,
     lam: float,
     gamma: float,
+    next_position: Optional[torch.Tensor] = None,
     tp_group: Optional[dist.ProcessGroup] = None,
     stop_value_grad: bool = False,
     check_labels: bool = False,
@@ -244,9 +290,14 @@ def vocab_parallel_soft_q_loss(
         terminal: ``[b, s]`` bool, the transition at t ends its document (``V(s_{t+1}) = 0``).
         lam: weight of the TD-squared term (>= 0).
         gamma: discount in [0, 1].
+        next_position: ``[b, s]`` int64, the position ``n_t > t`` of the state the TD term at
+            t bootstraps from (``s`` or more: not in the row); None: ``t + 1`` (single-turn).
+            Packed rows carry it (``megatron_irl.data.packing``); no two trained positions may
+            share one.
         tp_group: tensor-parallel group; defaults to Megatron's when initialised, else one rank.
-        stop_value_grad: ablation; no gradient through ``V(s_{t+1})`` in the TD term.
-        check_labels: also check that trained labels lie in the vocabulary (a device sync).
+        stop_value_grad: ablation; no gradient through ``V(s_{n_t})`` in the TD term.
+        check_labels: also check that trained labels lie in the vocabulary and the
+            ``next_position`` rules above (a device sync).
 
     Returns:
         ``SoftQLossOutput(loss, nll, delta, value)``, each ``[b, s]`` fp32; the caller reduces
@@ -262,7 +313,11 @@ def vocab_parallel_soft_q_loss(
     if tp_group is None:
         tp_group = default_tp_group()
     tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
-    _check_inputs(logits, labels, loss_mask, terminal, lam, gamma, tp_size, check_labels)
+    if next_position is None:
+        next_position = default_next_position(labels)
+    _check_inputs(logits, labels, loss_mask, terminal, next_position, lam, gamma, tp_size,
+                  check_labels)
     return SoftQLossOutput(*_VocabParallelSoftQLoss.apply(
-        logits, labels, loss_mask, terminal, float(lam), float(gamma), stop_value_grad, tp_group
+        logits, labels, loss_mask, terminal, next_position, float(lam), float(gamma),
+        stop_value_grad, tp_group,
     ))

@@ -15,6 +15,10 @@ Layout of a checkpoint directory (Megatron-LM's naming)::
                                                use and the GAIL discriminator (written by
                                                ``save_checkpoint``'s ``write_extra``; see
                                                ``megatron_irl.training.online``)
+    <dir>/gail_reference/                    --irl-loss gail with --gail-kl-weight: the KL
+                                               reference (the run's starting weights), a
+                                               weights-only checkpoint (any layout loads it),
+                                               written once (``training/reference.py``)
 
 What one checkpoint holds (a single dist_checkpointing state dict):
 

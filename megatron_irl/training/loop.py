@@ -278,7 +278,10 @@ def _setup_online(cfg: TrainConfig, trainable: Trainable, tokenizer,
         return None
     online = OnlineTraining(cfg, trainable.model, trainable.chunks[0], tokenizer,
                             train_batches.dataset, _num_microbatches(cfg))
-    if cfg.checkpoint.load and not cfg.checkpoint.finetune:
+    resumed = bool(cfg.checkpoint.load) and not cfg.checkpoint.finetune
+    for message in online.start_reference(cfg.checkpoint.load if resumed else None):
+        log.info(message)
+    if resumed:
         for message in online.load(iteration_dir(cfg.checkpoint.load, state.iteration)):
             log.info(message)
     return online

@@ -47,10 +47,12 @@ class Objective:
 
     def __call__(self, output, batch: dict):
         labels, loss_mask, terminal = batch["labels"], batch["loss_mask"], batch["terminal"]
+        next_position = batch["next_position"]
         with_entropy = self.irl.loss == "mle_entropy"
         options = dict(
             lam=self.lam,
             gamma=self.irl.irl_gamma,
+            next_position=next_position,
             stop_value_grad=self.irl.irl_stop_value_grad,
         )
         if self.irl.fused_output_loss:  # soft_q only (IRLConfig checks)
@@ -75,7 +77,7 @@ class Objective:
             out.delta.detach().sum(),
             entropy_sum.detach().to(loss_sum.device),
             trained_tokens.float(),
-            td_active_mask(loss_mask, terminal).sum().float(),
+            td_active_mask(loss_mask, terminal, next_position).sum().float(),
         ])
         return loss_sum, trained_tokens.to(torch.int), metric_sums
 

@@ -37,13 +37,14 @@ from megatron_irl.config import TrainConfig
 from megatron_irl.loss import discriminator_loss, gail_policy_loss, gail_reward, online_soft_q_loss
 from megatron_irl.loss.soft_q import td_active_mask
 from megatron_irl.training.discriminator import TokenDiscriminator
+from megatron_irl.training.reference import ReferencePolicy
 from megatron_irl.training.sampling import PolicySampler, all_reduce_dp, mix_in, save_synced
 
 # Sums per micro-batch, all-reduced over data parallelism by the loop (see the *_means below).
 ONLINE_METRICS = ("loss", "nll", "td_squared", "reward", "reward_policy", "u_expert", "u_policy",
                   "value_expert", "value_policy", "trained_tokens", "td_tokens", "policy_tokens",
                   "policy_td_tokens")
-GAIL_METRICS = ("loss", "nll", "entropy", "reward", "reward_expert", "return",
+GAIL_METRICS = ("loss", "nll", "entropy", "reward", "reward_expert", "return", "kl",
                 "disc_loss_expert", "disc_loss_policy", "disc_correct_expert",
                 "disc_correct_policy", "trained_tokens", "policy_tokens", "responses")
 
@@ -66,16 +67,17 @@ class OnlineObjective:
 
     def __call__(self, output, batch: dict):
         loss_mask, policy_mask = batch["loss_mask"], batch["policy_mask"]
-        terminal = batch["terminal"]
+        terminal, next_position = batch["terminal"], batch["next_position"]
         out = online_soft_q_loss(
             output, batch["labels"], loss_mask, policy_mask, terminal, lam=self.lam,
             gamma=self.irl.irl_gamma, alpha_mix=self.online.alpha_mix,
-            td_over=self.online.td_over, stop_value_grad=self.irl.irl_stop_value_grad,
+            td_over=self.online.td_over, next_position=next_position,
+            stop_value_grad=self.irl.irl_stop_value_grad,
         )
         loss_sum = out.expert_loss.sum() + self.policy_weight * out.policy_loss.sum()
         expert, policy = loss_mask > 0, policy_mask > 0
-        td_expert = td_active_mask(loss_mask, terminal)
-        td_policy = td_active_mask(policy_mask, terminal)
+        td_expert = td_active_mask(loss_mask, terminal, next_position)
+        td_policy = td_active_mask(policy_mask, terminal, next_position)
         metric_sums = torch.stack([
             loss_sum.detach().float(), out.nll.detach().sum(),
             _masked_sum(out.delta.square(), td_expert), _masked_sum(out.delta, td_expert),
@@ -181,7 +183,7 @@ class GailObjective:
             output, labels, loss_mask, policy_mask, terminal, gail_reward(d, policy_mask),
             gamma=self.irl.irl_gamma, mle_weight=gail.mle_weight,
             entropy_weight=gail.entropy_weight, kl_weight=gail.kl_weight,
-            ref_log_prob=batch["sample_log_prob"] if gail.kl_weight > 0 else None,
+            ref_log_prob=batch["ref_log_prob"] if gail.kl_weight > 0 else None,
         )
         policy_weight = self.expert_tokens / self.policy_tokens
         loss_sum = out.expert_loss.sum() + policy_weight * out.policy_loss.sum()
@@ -192,17 +194,21 @@ class GailObjective:
         metric_sums = torch.stack([
             loss_sum.detach().float(), -_masked_sum(out.log_prob, expert),
             _masked_sum(entropy, policy), _masked_sum(d, policy), _masked_sum(d, expert),
-            _masked_sum(out.returns, starts), disc_expert.detach(), disc_policy.detach(),
+            _masked_sum(out.returns, starts),
+            _masked_sum(out.log_prob - batch["ref_log_prob"], policy),
+            disc_expert.detach(), disc_policy.detach(),
             ((d > 0) & expert).sum().float(), ((d < 0) & policy).sum().float(),
             *(mask.sum().float() for mask in (expert, policy, starts)),
         ])
         return loss_sum, expert.sum().to(torch.int), metric_sums
 
 
-def gail_metric_means(metric_sums: torch.Tensor, with_entropy: bool) -> dict[str, float]:
+def gail_metric_means(metric_sums: torch.Tensor, with_entropy: bool,
+                      with_kl: bool) -> dict[str, float]:
     """Means of ``GAIL_METRICS`` sums: loss and nll per expert token, reward (discriminator
-    logit) per policy / expert token, return per response, the discriminator's loss and its
-    accuracy (balanced over the two classes)."""
+    logit) per policy / expert token, return per response, the KL estimate ``log pi -
+    log pi_ref`` per policy token (with ``--gail-kl-weight``), the discriminator's loss and
+    its accuracy (balanced over the two classes)."""
     sums = dict(zip(GAIL_METRICS, metric_sums.tolist()))
     means = {
         "loss": _per(sums, "loss", "trained_tokens"), "nll": _per(sums, "nll", "trained_tokens"),
@@ -217,6 +223,8 @@ def gail_metric_means(metric_sums: torch.Tensor, with_entropy: bool) -> dict[str
     }
     if with_entropy:
         means["entropy"] = _per(sums, "entropy", "policy_tokens")
+    if with_kl:
+        means["kl"] = _per(sums, "kl", "policy_tokens")
     return means
 
 
@@ -233,7 +241,12 @@ class OnlineTraining:
     def __init__(self, cfg: TrainConfig, model: list, chunk, tokenizer, dataset,
                  num_microbatches: int):
         self.cfg = cfg
-        self.sampler = PolicySampler(cfg, model, chunk, tokenizer, dataset, num_microbatches)
+        self.chunk = chunk
+        self.reference = None
+        if cfg.irl.loss == "gail" and cfg.gail.kl_weight > 0:
+            self.reference = ReferencePolicy(cfg, tokenizer.vocab_size)
+        self.sampler = PolicySampler(cfg, model, chunk, tokenizer, dataset, num_microbatches,
+                                     self.reference)
         self.discriminator = None
         if cfg.irl.loss == "gail" and parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             self.discriminator = DiscriminatorTrainer(cfg, tokenizer.vocab_size)
@@ -270,15 +283,30 @@ class OnlineTraining:
 
     def metric_means(self, metric_sums: torch.Tensor) -> dict[str, float]:
         if self.cfg.irl.loss == "gail":
-            return gail_metric_means(metric_sums, self.cfg.gail.entropy_weight > 0)
+            return gail_metric_means(metric_sums, self.cfg.gail.entropy_weight > 0,
+                                     self.reference is not None)
         return online_metric_means(metric_sums, self.cfg.online.td_over)
 
     def save(self, directory: str) -> None:
-        """Write the samples and the discriminator into checkpoint ``directory``. Collective
-        over data parallelism; every rank calls it."""
+        """Write the samples and the discriminator into checkpoint ``directory``, and GAIL's
+        KL reference next to it (once per save directory). Collective over the world group;
+        every rank calls it."""
         self.sampler.save(directory)
         if self.discriminator is not None:
             self.discriminator.save(directory)
+        if self.reference is not None:
+            self.reference.save(os.path.dirname(os.path.normpath(directory)))
+
+    def start_reference(self, load_dir: str | None) -> list[str]:
+        """Set GAIL's KL reference to the run's starting weights: the model's weights now
+        (a new run, after ``--load ... --finetune``), or those a resumed run (``load_dir``)
+        started from (``training/reference.py``). Messages for the log."""
+        if self.reference is None:
+            return []
+        if load_dir is None:
+            self.reference.copy_from(self.chunk)
+            return ["the KL reference is the model's starting weights"]
+        return [self.reference.restore(load_dir, self.chunk)]
 
     def load(self, directory: str) -> list[str]:
         """Restore what ``save`` wrote; returns messages for the log."""

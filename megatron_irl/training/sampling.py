@@ -20,11 +20,15 @@ A policy row holds one prompt and its response, laid out like a packed row (all 
                    first one)
     terminal       True where the label is the EOS
     position_ids   0, 1, ... over the sequence; document_ids 0 there, -1 on padding
+    next_position  t + 1 (one response: the next state is the next position)
     sample_log_prob  log pi(label) when it was sampled (temperature 1), at policy positions
+    ref_log_prob   log pi_ref(label) of GAIL's frozen reference (``training/reference.py``)
+                   at policy positions, scored when drawn; 0 without a reference
 
 A response cut by the token budget keeps its last token as an input position without a label,
 so its next state, whose value the TD and value terms read, is in the row (PAPER.md section 1:
-truncated, not terminal). Dataset rows get ``policy_mask`` and ``sample_log_prob`` of 0.
+truncated, not terminal). Dataset rows get ``policy_mask``, ``sample_log_prob`` and
+``ref_log_prob`` of 0.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from megatron_irl.data import DataError, SFTDataset, Tokenizer
 from megatron_irl.evaluation.generation import Generator, SamplingParams
 
 SAMPLES_FILENAME = "policy_samples.pt"
-POLICY_FIELDS = ("policy_mask", "sample_log_prob")
+POLICY_FIELDS = ("policy_mask", "sample_log_prob", "ref_log_prob")
 
 
 @dataclass
@@ -56,8 +60,9 @@ class SampleSet:
     lengths: torch.Tensor  # int64 [R]: tokens in the sequence
     finished: torch.Tensor  # bool [R]: the response ended with EOS (else the budget ran out)
     log_probs: torch.Tensor  # float32 [R, s]: log pi(tokens[t] | tokens[:t]) at response tokens
+    ref_log_probs: torch.Tensor  # float32 [R, s]: the same under GAIL's reference (else 0)
 
-    TENSORS = ("tokens", "prompt_lengths", "lengths", "finished", "log_probs")
+    TENSORS = ("tokens", "prompt_lengths", "lengths", "finished", "log_probs", "ref_log_probs")
 
 
 def policy_rows(samples: SampleSet, pad_id: int) -> dict:
@@ -69,6 +74,11 @@ def policy_rows(samples: SampleSet, pad_id: int) -> dict:
     has_label = positions < lengths - 1
     policy = has_label & (positions >= samples.prompt_lengths[:, None] - 1)
     shift = torch.full_like(tokens[:, :1], pad_id)
+
+    def at_labels(per_token: torch.Tensor) -> torch.Tensor:  # token t's value at position t - 1
+        return torch.where(policy, torch.cat([per_token[:, 1:], torch.zeros_like(shift)], dim=1),
+                           0.0).float()
+
     return {
         "tokens": torch.where(is_input, tokens, pad_id),
         "labels": torch.where(has_label, torch.cat([tokens[:, 1:], shift], dim=1), pad_id),
@@ -76,10 +86,10 @@ def policy_rows(samples: SampleSet, pad_id: int) -> dict:
         "terminal": policy & samples.finished[:, None] & (positions == lengths - 2),
         "position_ids": torch.where(is_input, positions, 0),
         "document_ids": torch.where(is_input, 0, -1),
+        "next_position": (positions + 1).expand(tokens.shape).clone(),
         "policy_mask": policy.float(),
-        "sample_log_prob": torch.where(
-            policy, torch.cat([samples.log_probs[:, 1:], torch.zeros_like(shift)], dim=1), 0.0
-        ).float(),
+        "sample_log_prob": at_labels(samples.log_probs),
+        "ref_log_prob": at_labels(samples.ref_log_probs),
     }
 
 
@@ -138,10 +148,12 @@ class PolicySampler:
             are put in eval mode while sampling and back in train mode after.
         chunk: the unwrapped GPTModel of ``model``, which generates.
         tokenizer, dataset: the training data's; prompts come from the dataset's documents.
+        reference: GAIL's frozen reference policy, which scores the samples when drawn;
+            None: no reference log-probabilities (0).
     """
 
     def __init__(self, cfg: TrainConfig, model: list, chunk, tokenizer: Tokenizer,
-                 dataset: SFTDataset, num_microbatches: int):
+                 dataset: SFTDataset, num_microbatches: int, reference=None):
         online = cfg.online
         check_prompts_fit(dataset, online.max_new_tokens, cfg.model.seq_length)
         self.model = model
@@ -157,6 +169,7 @@ class PolicySampler:
         self.generator = Generator(chunk, tokenizer.vocab_size, tokenizer.eos_id,
                                    cfg.model.seq_length,
                                    parallel_state.get_pipeline_model_parallel_group())
+        self.reference = reference
         self.samples: SampleSet | None = None
         self.stats: dict[str, float] = {}
 
@@ -210,8 +223,14 @@ class PolicySampler:
             tokens[row, :len(sequence)] = torch.tensor(sequence)
             log_probs[row, len(prompt):len(sequence)] = torch.tensor(generation.token_log_probs)
             lengths[row] = len(sequence)
-        return SampleSet(iteration, tokens, torch.tensor([len(p) for p in prompts]), lengths,
-                         torch.tensor([g.finished for g in generations]), log_probs)
+        samples = SampleSet(iteration, tokens, torch.tensor([len(p) for p in prompts]), lengths,
+                            torch.tensor([g.finished for g in generations]), log_probs,
+                            torch.zeros(rows, width))
+        if self.reference is not None:
+            at_labels = self.reference.log_probs(policy_rows(samples, self.pad_id),
+                                                 self.rows_per_micro_batch)  # [R, s]
+            samples.ref_log_probs[:, 1:] = at_labels[:, :-1]  # token t from position t - 1
+        return samples
 
     def _update_stats(self) -> None:
         """Mean response length (EOS included) and EOS fraction over all replicas' samples."""
@@ -245,6 +264,9 @@ class PolicySampler:
         rows = self.num_microbatches * self.rows_per_micro_batch
         dp_rank = parallel_state.get_data_parallel_rank()
         dp_size = parallel_state.get_data_parallel_world_size()
+        missing = [name for name in SampleSet.TENSORS if name not in saved]
+        if missing:
+            return f"{path} lacks {', '.join(missing)}: the first step samples anew"
         if tuple(saved["tokens"].shape) != (rows * dp_size, self.seq_length):
             return (f"{path} holds {tuple(saved['tokens'].shape)} [rows, --seq-length] samples, "
                     f"this run uses {(rows * dp_size, self.seq_length)}: the first step samples "

@@ -60,9 +60,17 @@ RECORDS = [{"prompt": "Q: What is 12 plus 30?\nA:", "response": " 42.", "score":
 # ------------------------------------------------------------------ Hugging Face side
 
 
+CHAT_TEMPLATE = ("{{- bos_token }}{%- for m in messages %}{{- '<|start_header_id|>' + m['role'] "
+                 "+ '<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}{%- endfor %}"
+                 "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant"
+                 "<|end_header_id|>\n\n' }}{%- endif %}")
+
+
 def make_hf_model(directory: str, name: str, seed: int):
+    """A random tiny model of MODELS saved with its tokenizer (the Llama ones with a chat
+    template) and a generation config with sampling settings."""
     family, kwargs = MODELS[name]
-    make_tokenizer(directory, VOCAB_SIZE)
+    make_tokenizer(directory, VOCAB_SIZE, CHAT_TEMPLATE if family == "Llama" else None)
     config = getattr(transformers, f"{family}Config")(
         vocab_size=VOCAB_SIZE, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
         max_position_embeddings=16384, **kwargs)
@@ -72,6 +80,8 @@ def make_hf_model(directory: str, name: str, seed: int):
         for parameter_name, parameter in model.named_parameters():
             if "norm" in parameter_name:
                 parameter.normal_(1.0, 0.1)
+    model.generation_config.update(temperature=0.6, top_p=0.9, do_sample=True,
+                                   eos_token_id=[2, 5])
     model.save_pretrained(directory, safe_serialization=True)
     return model
 
@@ -210,6 +220,21 @@ def test_export_gives_back_the_original_tensors_and_config(converted, name, tmp_
     for tensor_name, tensor in source.items():
         assert exported[tensor_name].dtype == tensor.dtype, tensor_name
         assert torch.equal(exported[tensor_name], tensor), tensor_name
+    for file_name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                      "generation_config.json"):
+        source_file = os.path.join(hf_dir, file_name)
+        if os.path.isfile(source_file):
+            with open(source_file, "rb") as a, open(tmp_path / file_name, "rb") as b:
+                assert a.read() == b.read(), file_name
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    if MODELS[name][0] == "Llama":
+        assert tokenizer.apply_chat_template(messages, tokenize=False) == \
+            transformers.AutoTokenizer.from_pretrained(hf_dir).apply_chat_template(
+                messages, tokenize=False)
+    generation = transformers.GenerationConfig.from_pretrained(str(tmp_path))
+    assert (generation.eos_token_id, generation.temperature, generation.top_p) == ([2, 5], 0.6,
+                                                                                  0.9)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
     assert type(model) is type(original)
     assert model.config.rope_parameters == original.config.rope_parameters

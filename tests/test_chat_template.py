@@ -192,3 +192,32 @@ def test_template_that_rewrites_earlier_turns_is_refused_naming_the_record(tmp_p
         documents.segment_lengths(0))) if r]
     tokenizer = load_tokenizer(directory)
     assert trained == tokenizer.encode("<think></think>4<|im_end|>")
+
+
+def test_packed_rows_train_the_assistant_tokens_and_end_at_the_end_of_turn(style, tmp_path):
+    from megatron_irl.data import SFTDataset
+
+    name, directory, hf_tokenizer, tagged = style
+    path = write_jsonl(tmp_path / "chat.jsonl", [CHAT_RECORD])
+    row = SFTDataset(path, load_tokenizer(directory), seq_length=256).row(0)
+    ids, mask = reference(hf_tokenizer, tagged, through_last_assistant(MESSAGES))
+    trained_labels = row["labels"][row["loss_mask"] == 1].tolist()
+    assert trained_labels == [t for t, m in zip(ids, mask) if m]
+    (terminal,) = np.flatnonzero(row["terminal"])
+    end_of_turn = {"llama3": "<|eot_id|>", "qwen": "<|im_end|>"}[name]
+    assert hf_tokenizer.convert_ids_to_tokens(int(row["labels"][terminal])) == end_of_turn
+
+
+def test_named_templates_in_tokenizer_config_use_the_default_one(tmp_path):
+    directory = tmp_path / "tok"
+    make_tokenizer(str(directory))
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "tool_use", "template": "{{ 'tools' }}"},
+                               {"name": "default", "template": QWEN_STYLE}]
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_tokenizer(str(directory)).chat_template.text == QWEN_STYLE
+    config["chat_template"] = config["chat_template"][:1]
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(DataError, match="tokenizer_config.json: chat_template has no template "
+                                        "named 'default'"):
+        load_tokenizer(str(directory))

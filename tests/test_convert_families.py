@@ -4,8 +4,11 @@ whose log-probabilities and per-token rewards must equal those transformers' log
 and -> export, which must give back the original tensors bit for bit.
 
 Every model has its own sizes (no other test uses them), grouped-query attention, random
-norm weights, and a 256-token vocabulary (a multiple of 128, so the Megatron side has no
-padded rows whose zero logits would enter the log-partition function).
+norm weights, weights initialised with std 0.08 (with transformers' 0.02 the attention is so
+flat that RoPE scaling moves these log-probabilities by less than the tolerance; with 0.08
+it moves them by over 50 times the tolerance, checked below), and a 256-token vocabulary
+(a multiple of 128, so the Megatron side has no padded rows whose zero logits would enter
+the log-partition function).
 """
 
 import json
@@ -54,7 +57,10 @@ MODELS = {
 RECORDS = [{"prompt": "Q: What is 12 plus 30?\nA:", "response": " 42.", "score": 1.0},
            {"prompt": "Name a colour.", "response": " Teal, the colour of the sea.",
             "score": 0.0},
-           {"prompt": "x", "response": " y z", "score": 0.5}]
+           {"prompt": "x", "response": " y z", "score": 0.5},
+           {"prompt": "Write a long line of text about the weather, please: ",
+            "response": "it rains in the morning, the sun comes out at noon, and in the evening "
+                        "the wind turns cold and the sky clears up again.", "score": 0.2}]
 
 
 # ------------------------------------------------------------------ Hugging Face side
@@ -73,7 +79,7 @@ def make_hf_model(directory: str, name: str, seed: int):
     make_tokenizer(directory, VOCAB_SIZE, CHAT_TEMPLATE if family == "Llama" else None)
     config = getattr(transformers, f"{family}Config")(
         vocab_size=VOCAB_SIZE, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
-        max_position_embeddings=16384, **kwargs)
+        max_position_embeddings=16384, initializer_range=0.08, **kwargs)
     torch.manual_seed(seed)
     model = getattr(transformers, f"{family}ForCausalLM")(config).eval()
     with torch.no_grad():  # random norms (q/k norms included), so that a swapped one shows
@@ -185,13 +191,31 @@ def converted(tmp_path_factory):
 def test_rewards_command_log_probs_match_transformers(converted, name, tp):
     models, pairs = converted
     _, _, model, lines = models[name]
-    assert [line["line"] for line in lines[tp]] == [1, 2, 3]
+    assert [line["line"] for line in lines[tp]] == [1, 2, 3, 4]
     for pair, line in zip(pairs, lines[tp]):
         expected = transformers_rewards(model, pair.tokens, pair.segment_lengths)
         assert line["log_prob"] == pytest.approx(expected["log_prob"], abs=ATOL)
         torch.testing.assert_close(torch.tensor(line["rewards"], dtype=torch.float64),
                                    torch.tensor(expected["rewards"], dtype=torch.float64),
                                    atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama31", "llama32"])
+def test_rope_scaling_moves_these_log_probs_far_beyond_the_tolerance(converted, name):
+    """So that the log-probability test above tells scaled from plain RoPE."""
+    import copy
+
+    models, pairs = converted
+    model = models[name][2]
+    config = copy.deepcopy(model.config)
+    config.rope_parameters = {"rope_type": "default",
+                              "rope_theta": config.rope_parameters["rope_theta"]}
+    plain = type(model)(config).eval()
+    plain.load_state_dict(model.state_dict())
+    pair = pairs[-1]
+    scaled = transformers_rewards(model, pair.tokens, pair.segment_lengths)["rewards"]
+    unscaled = transformers_rewards(plain, pair.tokens, pair.segment_lengths)["rewards"]
+    assert max(abs(a - b) for a, b in zip(scaled, unscaled)) > 50 * ATOL
 
 
 def test_imported_model_sections_carry_rope_scaling_and_query_key_norms(converted):

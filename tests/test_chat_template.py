@@ -221,3 +221,23 @@ def test_named_templates_in_tokenizer_config_use_the_default_one(tmp_path):
     with pytest.raises(DataError, match="tokenizer_config.json: chat_template has no template "
                                         "named 'default'"):
         load_tokenizer(str(directory))
+
+
+def test_rewards_documents_are_the_training_documents_and_eval_samples_get_one_bos(tmp_path):
+    from megatron_irl.evaluation.inputs import read_scored_pairs
+
+    directory = str(tmp_path / "tok")
+    make_tokenizer(directory, chat_template=untagged(LLAMA3_STYLE))
+    tokenizer = load_tokenizer(directory)
+    path = write_jsonl(tmp_path / "chat.jsonl", [CHAT_RECORD])
+    (pair,), _ = read_scored_pairs(path, tokenizer, "score")
+    documents = documents_of(tmp_path, tokenizer)
+    assert pair.tokens == documents.tokens(0).tolist()
+    assert pair.segment_lengths == documents.segment_lengths(0).tolist()
+    # An eval sample: the rendered prompt (which starts with the BOS text) and a response.
+    (prompt,), _ = read_eval_prompts(path, tokenizer)
+    sample = write_jsonl(tmp_path / "samples.jsonl", [{"prompt": prompt.prompt,
+                                                       "response": "It is 6."}])
+    (pair,), _ = read_scored_pairs(sample, tokenizer, "score")
+    assert pair.tokens[:len(prompt.prompt_tokens)] == prompt.prompt_tokens
+    assert pair.tokens.count(tokenizer.bos_id) == 1

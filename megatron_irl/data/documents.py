@@ -20,11 +20,14 @@ from megatron_irl.data.tokenizer import Tokenizer
 
 
 def tokenize_segments(segments: tuple[Segment, ...], tokenizer: Tokenizer) -> tuple[list, list]:
-    """(token ids, segment lengths) of one record: BOS (if any) first, EOS after the last."""
+    """(token ids, segment lengths) of one record: BOS (if any) first, EOS after the last.
+
+    A text that starts with the BOS token already (an eval sample's prompt rendered with a
+    chat template that writes it) does not get a second one."""
     ids, lengths = [], []
     for k, (text, _is_response) in enumerate(segments):
         piece = tokenizer.encode(text)
-        if k == 0 and tokenizer.bos_id is not None:
+        if k == 0 and tokenizer.bos_id is not None and piece[:1] != [tokenizer.bos_id]:
             piece = [tokenizer.bos_id] + piece
         if k == len(segments) - 1:
             piece = piece + [tokenizer.eos_id]

@@ -11,6 +11,7 @@ it moves them by over 50 times the tolerance, checked below), and a 256-token vo
 the log-partition function).
 """
 
+import copy
 import json
 import os
 import socket
@@ -19,6 +20,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 transformers = pytest.importorskip("transformers")
 
@@ -203,8 +205,6 @@ def test_rewards_command_log_probs_match_transformers(converted, name, tp):
 @pytest.mark.parametrize("name", ["llama31", "llama32"])
 def test_rope_scaling_moves_these_log_probs_far_beyond_the_tolerance(converted, name):
     """So that the log-probability test above tells scaled from plain RoPE."""
-    import copy
-
     models, pairs = converted
     model = models[name][2]
     config = copy.deepcopy(model.config)
@@ -223,8 +223,6 @@ def test_imported_model_sections_carry_rope_scaling_and_query_key_norms(converte
     sections = {}
     for name, (_, mg, _, _) in models.items():
         with open(os.path.join(mg, "model.yaml"), encoding="utf-8") as file:
-            import yaml
-
             sections[name] = yaml.safe_load(file)["model"]
     assert [(s["use_rope_scaling"], s["rope_scaling_factor"], s["qk_layernorm"],
              s["untie_embeddings_and_output_weights"], s["kv_channels"])

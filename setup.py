@@ -21,6 +21,7 @@ setup(
         "psutil",  # megatron-core's checkpoint saving needs it without declaring it
         "sentencepiece",
         "tokenizers",
+        "jinja2>=3.1.6",  # chat templates, rendered as transformers renders them
         "tensorboard",
         "safetensors",
         "tqdm",

@@ -70,6 +70,14 @@ class ModelConfig(_Section):
         "learned_absolute", "--position-embedding-type", "Position embedding type.")
     rotary_base: int = _opt(10000, "--rotary-base", "Base of the rotary embedding frequencies.")
     rotary_percent: float = _opt(1.0, "--rotary-percent", "Fraction of head dims that get rotary.")
+    use_rope_scaling: bool = _opt(
+        False, "--use-rope-scaling",
+        "Llama 3.x RoPE frequency scaling (Megatron-Core's: low/high frequency factors 1 and 4, "
+        "original context 8192 positions).")
+    rope_scaling_factor: float = _opt(
+        8.0, "--rope-scaling-factor", "Factor of --use-rope-scaling (Llama 3.1: 8, 3.2: 32).")
+    qk_layernorm: bool = _opt(
+        False, "--qk-layernorm", "Normalise each head's queries and keys (Qwen3).")
     untie_embeddings_and_output_weights: bool = _opt(
         False, "--untie-embeddings-and-output-weights",
         "Separate input embedding and output layer.")
@@ -97,6 +105,7 @@ class ModelConfig(_Section):
         for name in ("hidden_dropout", "attention_dropout"):
             self._require(0 <= getattr(self, name) < 1, name, "be in [0, 1)")
         self._require(0 < self.rotary_percent <= 1, "rotary_percent", "be in (0, 1]")
+        self._require(self.rope_scaling_factor >= 1, "rope_scaling_factor", "be >= 1")
         if self.num_query_groups is not None:
             self._require(self.num_attention_heads % self.num_query_groups == 0, "num_query_groups",
                           f"divide {self.flag('num_attention_heads')} {self.num_attention_heads}")
@@ -127,6 +136,10 @@ class DataConfig(_Section):
         None, "--valid-data-path", "Validation data; unset: no evaluation.")
     tokenizer_model: str | None = _opt(
         None, "--tokenizer-model", "HF tokenizer directory or sentencepiece .model file.")
+    chat_template: str | None = _opt(
+        None, "--chat-template",
+        "Jinja chat template file for chat records; unset: the tokenizer's own "
+        "(tokenizer_config.json), else the built-in User:/Assistant: rendering.")
     data_seed: int = _opt(1234, "--data-seed", "Seed of the data shuffling.")
     strict: bool = _opt(False, "--strict-data",
                         "Treat bad samples as errors (else: skip, count and report them).")
@@ -473,7 +486,7 @@ class TrainConfig:
                 f"(= {t.micro_batch_size * dp}; world size {world_size} / TP {tp} / PP {pp})")
         if d.train_data_path is None:
             raise ConfigError(f"{d.flag('train_data_path')} is required to train")
-        for name in ("train_data_path", "valid_data_path", "tokenizer_model"):
+        for name in ("train_data_path", "valid_data_path", "tokenizer_model", "chat_template"):
             path = getattr(d, name)
             if path is not None and not os.path.exists(path):
                 raise ConfigError(f"{d.flag(name)} {path}: no such file or directory")

@@ -183,6 +183,10 @@ def _describe_model(cfg: TrainConfig, params: int) -> str:
     groups = m.num_query_groups or m.num_attention_heads
     position = (f"RoPE base {m.rotary_base}" if m.position_embedding_type == "rope"
                 else "learned positions")
+    if m.position_embedding_type == "rope" and m.use_rope_scaling:
+        position += f" (Llama 3.x scaling, factor {m.rope_scaling_factor:g})"
+    if m.qk_layernorm:
+        position += ", query/key norms"
     output = "untied output layer" if m.untie_embeddings_and_output_weights else "tied embeddings"
     return (f"{m.num_layers} layers, hidden {m.hidden_size}, {mlp}, {m.num_attention_heads} "
             f"heads x {m.kv_channels} ({groups} query groups), {m.normalization}, {position}, "

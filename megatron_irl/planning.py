@@ -136,7 +136,8 @@ def layer_parameters(m: ModelConfig, tp: int) -> int:
     if m.add_bias_linear:
         # Column-parallel biases are split; row-parallel ones (proj, fc2) are replicated.
         biases += h + m.ffn_hidden_size * (2 if m.swiglu else 1) // tp + h
-    return 2 * _norm_parameters(m) + _layer_linear_weights(m, tp) + biases
+    query_key_norms = 2 * d if m.qk_layernorm else 0  # replicated, one per head dim
+    return 2 * _norm_parameters(m) + _layer_linear_weights(m, tp) + biases + query_key_norms
 
 
 def embedding_parameters(m: ModelConfig, padded_vocab: int, tp: int) -> int:

@@ -13,6 +13,7 @@ class CharTokenizer:
         self.eos_id, self.pad_id = EOS, PAD
         self.bos_id = BOS if bos else None
         self.vocab_size = 3 + len(ALPHABET)
+        self.chat_template = None  # chat records: the built-in rendering
 
     def encode(self, text: str) -> list[int]:
         return [3 + ALPHABET.index(c) for c in text]

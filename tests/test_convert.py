@@ -209,7 +209,8 @@ def test_model_yaml_holds_the_model_section_the_trainer_needs(tmp_path):
         "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4,
         "num_query_groups": 2, "kv_channels": 16, "max_position_embeddings": 256,
         "normalization": "RMSNorm", "norm_epsilon": 1e-5, "swiglu": True,
-        "position_embedding_type": "rope", "rotary_base": 500000, "rotary_percent": 1.0,
+        "position_embedding_type": "rope", "rotary_base": 500000, "use_rope_scaling": False,
+        "rope_scaling_factor": 8.0, "rotary_percent": 1.0, "qk_layernorm": False,
         "untie_embeddings_and_output_weights": False, "add_bias_linear": False,
         "add_qkv_bias": False, "init_method_std": 0.02, "hidden_dropout": 0.0,
         "attention_dropout": 0.0, "make_vocab_size_divisible_by": 128}
@@ -392,7 +393,8 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], '
                                           '"model_type": "gpt2"}')
     with pytest.raises(ConversionError, match="GPT2LMHeadModel.*supported: LlamaForCausalLM.*"
-                                              "MistralForCausalLM.*Qwen2ForCausalLM"):
+                                              "MistralForCausalLM.*Qwen2ForCausalLM.*"
+                                              "Qwen3ForCausalLM"):
         plan_import(str(tmp_path), 1)
 
 
@@ -401,15 +403,6 @@ def test_tensor_parallel_size_not_dividing_query_groups_is_refused_in_the_plan(t
     with pytest.raises(ConfigError, match="--tensor-model-parallel-size 4 must divide "
                                           "num_query_groups 2"):
         plan_import(str(tmp_path), 4)
-
-
-def test_rope_scaling_is_refused(tmp_path):
-    make_hf_model(str(tmp_path), "Llama", tie=False)
-    config = json.loads((tmp_path / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ConversionError, match="RoPE scaling 'llama3' is not supported"):
-        plan_import(str(tmp_path), 1)
 
 
 def test_vocab_padding_covers_embedding_rows_beyond_the_tokenizer():

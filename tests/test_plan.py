@@ -132,6 +132,14 @@ def test_model_parameters_match_the_published_llama3_sizes():
         assert planning.model_parameters(cfg.model, 128256) == published, recipe
 
 
+def test_model_parameters_match_the_published_llama31_and_qwen3_sizes():
+    # Qwen3-8B: 151936 embedding rows and 2 x 128 query/key norm weights per layer.
+    for recipe, published, vocab in (("llama3.1-8b", 8_030_261_248, 128256),
+                                     ("qwen3-8b", 8_190_735_360, 151936)):
+        cfg = load_train_config(["--config", str(REPO / "examples" / "recipes" / f"{recipe}.yaml")])
+        assert planning.model_parameters(cfg.model, vocab) == published, recipe
+
+
 # ------------------------------------------------------------------------------ the command
 
 

@@ -27,9 +27,11 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", default=None,
                         help="Hugging Face tokenizer directory or sentencepiece .model file; "
                              "unset: the checkpoint's --tokenizer-model")
-    parser.add_argument("--family", choices=("llama", "mistral", "qwen2"), default=None,
-                        help="architecture to write; unset: qwen2 if the model has q/k/v "
-                             "biases, else llama")
+    parser.add_argument("--family", choices=("llama", "mistral", "qwen2", "qwen3"),
+                        default=None,
+                        help="architecture to write; unset: the family the checkpoint was "
+                             "imported from, else qwen3 with query/key norms, qwen2 with "
+                             "q/k/v biases, llama otherwise")
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="vocabulary rows to keep; unset: the converted model's original "
                              "vocab_size (hf_config.json), else the tokenizer's size")

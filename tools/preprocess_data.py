@@ -27,12 +27,17 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--tokenizer", required=True, help="Hugging Face tokenizer dir or sentencepiece .model"
     )
+    parser.add_argument(
+        "--chat-template", default=None,
+        help="Jinja chat template file for chat records; unset: the tokenizer's own, else the "
+             "built-in rendering (train with the same --chat-template)")
     parser.add_argument("--output-prefix", required=True)
     parser.add_argument("--strict", action="store_true", help="fail on any data problem")
     args = parser.parse_args(argv)
     try:
         report = preprocess_jsonl(
-            args.input, load_tokenizer(args.tokenizer), args.output_prefix, strict=args.strict
+            args.input, load_tokenizer(args.tokenizer, args.chat_template), args.output_prefix,
+            strict=args.strict
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,10 +1,13 @@
 """Hugging Face ``config.json`` <-> the project's ``model`` config section, per model family.
 
-Supported: Llama, Mistral and Qwen2 (decoder-only, RMSNorm, SwiGLU, RoPE, grouped-query
-attention, no linear biases except Qwen2's q/k/v biases). Only plain RoPE is supported:
-Megatron-Core's GPTModel as the trainer builds it has no Llama-3.1 / YaRN / linear RoPE
-scaling, so a config with ``rope_scaling`` is refused rather than converted into a model
-that computes something else.
+Supported: Llama (2, 3, 3.1, 3.2, 3.3), Mistral, Qwen2 / Qwen2.5 and Qwen3 (decoder-only,
+RMSNorm, SwiGLU, RoPE, grouped-query attention, no linear biases except Qwen2's q/k/v
+biases; Qwen3's per-head query/key RMSNorm). RoPE is plain or Llama 3.x-scaled
+(``rope_type: llama3``). Megatron-Core's GPTModel takes only the scaling factor and fixes
+the other Llama 3.x parameters (low/high frequency factors 1 and 4, original context 8192,
+as every Llama 3.x release has them), so a config with other values, or any other RoPE
+scaling (YaRN, linear, dynamic), is refused rather than converted into a model that
+computes something else.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class Family:
     architecture: str  # config.json "architectures"[0]
     model_type: str
     qkv_bias: bool
+    qk_layernorm: bool = False
 
 
 FAMILIES = {
@@ -32,6 +36,7 @@ FAMILIES = {
         Family("LlamaForCausalLM", "llama", qkv_bias=False),
         Family("MistralForCausalLM", "mistral", qkv_bias=False),
         Family("Qwen2ForCausalLM", "qwen2", qkv_bias=True),
+        Family("Qwen3ForCausalLM", "qwen3", qkv_bias=False, qk_layernorm=True),
     )
 }
 
@@ -53,20 +58,51 @@ def family_of(hf_config: dict, source: str) -> Family:
     return family
 
 
-def _rope_theta(hf_config: dict, source: str) -> int:
-    """rope_theta from transformers 5's ``rope_parameters`` or the older top-level keys."""
-    parameters = hf_config.get("rope_parameters") or {}
-    scaling = hf_config.get("rope_scaling") or {}
-    rope_type = parameters.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-    if rope_type not in (None, "default"):
-        raise ConversionError(
-            f"{source}: RoPE scaling {rope_type!r} is not supported (the model is built with "
-            "plain RoPE); only rope_type 'default' converts")
+# Megatron-Core's Llama 3.x RoPE scaling (RotaryEmbedding._apply_scaling in 0.16.1) takes
+# only the factor; these are its fixed values of the other parameters.
+LLAMA3_FIXED_ROPE_PARAMETERS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192}
+
+
+def _rope_section(hf_config: dict, source: str) -> dict:
+    """rotary_base and the RoPE scaling fields, from transformers 5's ``rope_parameters``
+    or the older top-level ``rope_theta`` / ``rope_scaling``."""
+    key = "rope_parameters" if hf_config.get("rope_parameters") else "rope_scaling"
+    parameters = hf_config.get(key) or {}
+    rope_type = parameters.get("rope_type") or parameters.get("type") or "default"
     theta = parameters.get("rope_theta", hf_config.get("rope_theta", 10000.0))
     if float(theta) != int(theta):
         raise ConversionError(f"{source}: rope_theta {theta} is not an integer (--rotary-base "
                               "takes an integer)")
-    return int(theta)
+    if rope_type == "default":
+        return {"rotary_base": int(theta), "use_rope_scaling": False, "rope_scaling_factor": 8.0}
+    if rope_type != "llama3":
+        raise ConversionError(
+            f"{source}: {key}.rope_type {rope_type!r} is not supported (Megatron-Core's GPTModel "
+            "computes plain RoPE and Llama 3.x scaling); only 'default' and 'llama3' convert")
+    for field, fixed in LLAMA3_FIXED_ROPE_PARAMETERS.items():
+        value = parameters.get(field)
+        if not isinstance(value, (int, float)) or float(value) != fixed:
+            _refuse(source, f"{key}.{field}", value,
+                    f"Megatron-Core's Llama 3 RoPE scaling fixes it at {fixed:g}")
+    factor = parameters.get("factor")
+    if not isinstance(factor, (int, float)) or factor < 1:
+        _refuse(source, f"{key}.factor", factor, "the scaling factor must be a number >= 1")
+    return {"rotary_base": int(theta), "use_rope_scaling": True,
+            "rope_scaling_factor": float(factor)}
+
+
+def rope_fields(model: dict) -> dict:
+    """config.json's RoPE fields for the model section: ``rope_parameters`` (transformers
+    >= 5) and ``rope_theta`` / ``rope_scaling`` (older releases)."""
+    theta = float(model["rotary_base"])
+    if not model.get("use_rope_scaling"):
+        return {"rope_theta": theta,
+                "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    scaling = {"rope_type": "llama3", "factor": float(model["rope_scaling_factor"]),
+               **LLAMA3_FIXED_ROPE_PARAMETERS}
+    return {"rope_theta": theta, "rope_scaling": scaling,
+            "rope_parameters": {**scaling, "rope_theta": theta}}
 
 
 def _refuse(source: str, field: str, value, why: str) -> None:
@@ -85,6 +121,8 @@ def model_section(hf_config: dict, source: str) -> dict:
     for field in ("attention_bias", "mlp_bias"):
         if hf_config.get(field):
             _refuse(source, field, True, "only Qwen2's q/k/v biases are supported")
+    if family.qk_layernorm and hf_config.get("attention_bias"):
+        _refuse(source, "attention_bias", True, "Qwen3 has no q/k/v biases")
     if hf_config.get("use_sliding_window"):
         _refuse(source, "use_sliding_window", True, "attention is over the whole sequence")
     heads = hf_config["num_attention_heads"]
@@ -101,8 +139,9 @@ def model_section(hf_config: dict, source: str) -> dict:
         "norm_epsilon": float(hf_config.get("rms_norm_eps", 1e-6)),
         "swiglu": True,
         "position_embedding_type": "rope",
-        "rotary_base": _rope_theta(hf_config, source),
+        **_rope_section(hf_config, source),
         "rotary_percent": 1.0,
+        "qk_layernorm": family.qk_layernorm,
         "untie_embeddings_and_output_weights": not hf_config.get("tie_word_embeddings", False),
         "add_bias_linear": False,
         "add_qkv_bias": family.qkv_bias,
@@ -163,11 +202,13 @@ def hf_config(model: dict, family: Family, vocab_size: int, dtype: str,
     """
     if (model["normalization"] != "RMSNorm" or not model["swiglu"]
             or model["position_embedding_type"] != "rope" or model["add_bias_linear"]
-            or model["rotary_percent"] != 1.0 or model["add_qkv_bias"] != family.qkv_bias):
+            or model["rotary_percent"] != 1.0 or model["add_qkv_bias"] != family.qkv_bias
+            or model.get("qk_layernorm", False) != family.qk_layernorm):
         raise ConversionError(
             f"the checkpoint's model is not a {family.architecture}: it needs --normalization "
             f"RMSNorm, --swiglu, --position-embedding-type rope, --disable-bias-linear, "
-            f"--rotary-percent 1.0 and {'' if family.qkv_bias else 'no '}--add-qkv-bias")
+            f"--rotary-percent 1.0, {'' if family.qkv_bias else 'no '}--add-qkv-bias and "
+            f"{'' if family.qk_layernorm else 'no '}--qk-layernorm")
     config = {
         "architectures": [family.architecture],
         "model_type": family.model_type,
@@ -183,9 +224,7 @@ def hf_config(model: dict, family: Family, vocab_size: int, dtype: str,
         "rms_norm_eps": model["norm_epsilon"],
         "initializer_range": model["init_method_std"],
         "tie_word_embeddings": not model["untie_embeddings_and_output_weights"],
-        # transformers >= 5 reads rope_parameters, older releases rope_theta.
-        "rope_theta": float(model["rotary_base"]),
-        "rope_parameters": {"rope_type": "default", "rope_theta": float(model["rotary_base"])},
+        **rope_fields(model),
         "attention_dropout": 0.0,
         "torch_dtype": dtype,
         "use_cache": True,
@@ -195,16 +234,25 @@ def hf_config(model: dict, family: Family, vocab_size: int, dtype: str,
         config.update(attention_bias=False, mlp_bias=False)
     else:  # the trained model attends over the whole sequence
         config.update(sliding_window=None)
-    if family.model_type == "qwen2":
+    if family.model_type in ("qwen2", "qwen3"):
         config.update(use_sliding_window=False, max_window_layers=model["num_layers"])
+    if family.model_type == "qwen3":
+        config.update(attention_bias=False)
     return config
 
 
-def family_of_model(model: dict, requested: str | None) -> Family:
-    """``requested`` (a model_type) or, unset, qwen2 for q/k/v biases and llama otherwise."""
+def family_of_model(model: dict, requested: str | None, source_config: dict | None = None
+                    ) -> Family:
+    """``requested`` (a model_type); unset, the family of ``source_config`` (the config.json
+    the checkpoint was imported from) when it has one, else qwen3 with query/key norms,
+    qwen2 with q/k/v biases and llama otherwise."""
     if requested is not None:
         if requested not in FAMILIES:
             raise ConversionError(f"--family {requested!r} is not supported; supported: "
                                   f"{', '.join(FAMILIES)}")
         return FAMILIES[requested]
+    if source_config is not None and source_config.get("model_type") in FAMILIES:
+        return FAMILIES[source_config["model_type"]]
+    if model.get("qk_layernorm"):
+        return FAMILIES["qwen3"]
     return FAMILIES["qwen2" if model["add_qkv_bias"] else "llama"]

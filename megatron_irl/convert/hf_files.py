@@ -22,7 +22,7 @@ SINGLE_FILENAME = "model.safetensors"
 SENTENCEPIECE_FILENAME = "tokenizer.model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-                   "chat_template.jinja", "generation_config.json")
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 
 def read_json(path: str) -> dict:

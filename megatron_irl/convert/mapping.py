@@ -13,6 +13,8 @@ the tensor- or pipeline-parallel layout:
 * ``linear_qkv.weight`` [g * (q_per_g + 2) * d, h]: per query group g, its q_per_g query
   heads, then its key head, then its value head (d = kv_channels); the bias likewise.
   Tensor parallelism splits it by whole groups.
+* ``q_layernorm.weight`` / ``k_layernorm.weight`` [d]: one RMSNorm weight shared by all
+  heads (Qwen3's q_norm / k_norm), replicated over tensor-parallel ranks.
 * ``linear_fc1.weight`` [2 * ffn, h]: the gate (SwiGLU W) rows, then the up (V) rows.
 * ``embedding.word_embeddings.weight`` / ``output_layer.weight`` [padded_vocab, h]: the
   Hugging Face rows, then zero rows up to the padded vocabulary.
@@ -63,7 +65,7 @@ class Rule:
         return self.megatron.startswith("decoder.layers.")
 
     def applies(self, model_config: dict) -> bool:
-        return self.when is None or bool(model_config[self.when])
+        return self.when is None or bool(model_config.get(self.when))
 
     def hf_names(self, layer: int | None = None) -> tuple[str, ...]:
         return tuple(name.format(layer=layer) for name in self.hf)
@@ -142,6 +144,10 @@ RULES: tuple[Rule, ...] = (
     Rule("decoder.layers.self_attention.linear_qkv.bias",
          (_ATTN + "q_proj.bias", _ATTN + "k_proj.bias", _ATTN + "v_proj.bias"), QKV,
          when="add_qkv_bias"),
+    Rule("decoder.layers.self_attention.q_layernorm.weight", (_ATTN + "q_norm.weight",), COPY,
+         when="qk_layernorm"),
+    Rule("decoder.layers.self_attention.k_layernorm.weight", (_ATTN + "k_norm.weight",), COPY,
+         when="qk_layernorm"),
     Rule("decoder.layers.self_attention.linear_proj.weight", (_ATTN + "o_proj.weight",), COPY),
     Rule("decoder.layers.mlp.linear_fc1.layer_norm_weight",
          ("model.layers.{layer}.post_attention_layernorm.weight",), COPY),

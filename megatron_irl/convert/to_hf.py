@@ -116,7 +116,9 @@ def convert_to_hf(load_dir: str, output_dir: str, *, tokenizer: str | None = Non
             (see :func:`write_sentencepiece_tokenizer`), unless its directory has a
             tokenizer_config.json (a model imported from Hugging Face), whose files are
             copied instead.
-        family: llama, mistral or qwen2; unset: qwen2 with q/k/v biases, else llama.
+        family: llama, mistral, qwen2 or qwen3; unset: the family of the config.json the
+            checkpoint was imported from (hf_config.json next to the tokenizer), else
+            qwen3 with query/key norms, qwen2 with q/k/v biases, llama otherwise.
         vocab_size: rows kept of the padded vocabulary; unset: ``vocab_size`` of the
             tokenizer directory's hf_config.json (written by the import), else the
             tokenizer's vocabulary size (a sentencepiece model's piece count).
@@ -131,7 +133,8 @@ def convert_to_hf(load_dir: str, output_dir: str, *, tokenizer: str | None = Non
     padded_vocab = state["model_architecture"]["padded_vocab_size"]
     tokenizer = tokenizer or state["config"]["data"].get("tokenizer_model")
     tokenizer_dir, sentencepiece_model = _tokenizer_source(tokenizer)
-    chosen_family = families.family_of_model(model, family)
+    source_config = _source_config(tokenizer_dir)
+    chosen_family = families.family_of_model(model, family, source_config)
     vocab_size = vocab_size or _source_vocab_size(tokenizer_dir, sentencepiece_model)
     if vocab_size > padded_vocab:
         raise ConversionError(f"--vocab-size {vocab_size} exceeds the checkpoint's "
@@ -166,6 +169,8 @@ def convert_to_hf(load_dir: str, output_dir: str, *, tokenizer: str | None = Non
 
     special_ids = (sentencepiece_special_ids(sentencepiece_model) if sentencepiece_model
                    else special_token_ids(tokenizer_dir))
+    if source_config is not None:  # e.g. Llama 3.1 Instruct's several end-of-turn ids
+        special_ids = {key: source_config.get(key, value) for key, value in special_ids.items()}
     dtype_name = str(out_dtype).removeprefix("torch.")
     write_json(os.path.join(output_dir, "config.json"),
                families.hf_config(model, chosen_family, vocab_size, dtype_name, special_ids))
@@ -196,6 +201,13 @@ def _tokenizer_source(tokenizer: str | None) -> tuple[str, str | None]:
     raise ConversionError(f"the tokenizer {tokenizer} does not exist (a relative path is taken "
                           "from the current directory); pass --tokenizer with the tokenizer "
                           "directory or sentencepiece .model file")
+
+
+def _source_config(tokenizer_dir: str) -> dict | None:
+    """The config.json the checkpoint was imported from (the import's hf_config.json next
+    to the tokenizer), None for a model that was not imported."""
+    copy = os.path.join(tokenizer_dir, HF_CONFIG_COPY)
+    return read_json(copy) if os.path.isfile(copy) else None
 
 
 def _source_vocab_size(tokenizer_dir: str, sentencepiece_model: str | None) -> int:

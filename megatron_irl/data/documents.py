@@ -7,27 +7,42 @@ read interface, used by packing:
   len(store), store.segment_lengths(i) -> int64 [k], store.tokens(i) -> int64 [n],
   store.where(i) -> "file:line", store.source, store.report.
 `InMemoryDocuments` tokenizes a JSONL file; `indexed.IndexedDocuments` reads preprocessed ones.
+Chat records of a tokenizer with a chat template are the template's text instead (the
+template writes BOS and the end-of-turn tokens; see `megatron_irl.data.chat_template`).
 """
 
 import numpy as np
 
-from megatron_irl.data.records import Segment, read_records
+from megatron_irl.data.chat_template import describe_rendering, tokenize_chat
+from megatron_irl.data.records import Record, Segment, read_records
 from megatron_irl.data.report import DataReport
 from megatron_irl.data.tokenizer import Tokenizer
 
 
 def tokenize_segments(segments: tuple[Segment, ...], tokenizer: Tokenizer) -> tuple[list, list]:
-    """(token ids, segment lengths) of one record: BOS (if any) first, EOS after the last."""
+    """(token ids, segment lengths) of one record: BOS (if any) first, EOS after the last.
+
+    A text that starts with the BOS token already (an eval sample's prompt rendered with a
+    chat template that writes it) does not get a second one."""
     ids, lengths = [], []
     for k, (text, _is_response) in enumerate(segments):
         piece = tokenizer.encode(text)
-        if k == 0 and tokenizer.bos_id is not None:
+        if k == 0 and tokenizer.bos_id is not None and piece[:1] != [tokenizer.bos_id]:
             piece = [tokenizer.bos_id] + piece
         if k == len(segments) - 1:
             piece = piece + [tokenizer.eos_id]
         ids.extend(piece)
         lengths.append(len(piece))
     return ids, lengths
+
+
+def tokenize_record(record: Record, tokenizer: Tokenizer, source: str) -> tuple[list, list]:
+    """(token ids, segment lengths) of a record of the file ``source``: a chat record with
+    the tokenizer's chat template when it has one, else its segments."""
+    if tokenizer.chat_template is not None and "messages" in record.fields:
+        return tokenize_chat(tokenizer.chat_template, record.fields["messages"], tokenizer,
+                             f"{source}:{record.line}")
+    return tokenize_segments(record.segments, tokenizer)
 
 
 def response_mask(segment_lengths) -> np.ndarray:
@@ -63,10 +78,11 @@ class InMemoryDocuments:
 
     def __init__(self, path: str, tokenizer: Tokenizer, strict: bool = False):
         self.source = path
-        self.report = DataReport(source=path, strict=strict)
+        self.report = DataReport(source=path, strict=strict,
+                                 chat_rendering=describe_rendering(tokenizer))
         self._tokens, self._lengths, lines = [], [], []
         for record in read_records(path, self.report):
-            ids, lengths = tokenize_segments(record.segments, tokenizer)
+            ids, lengths = tokenize_record(record, tokenizer, path)
             self._tokens.append(np.asarray(ids, dtype=np.int64))
             self._lengths.append(np.asarray(lengths, dtype=np.int64))
             lines.append(record.line)

@@ -5,7 +5,8 @@
   is one Megatron "document" whose sequences are its alternating context/response segments
   (so the per-document segment lengths, hence the loss mask, live in the index);
 - P.lines.npy: int64 [num_documents], the source line of each document (for file:line reports);
-- P.meta.json: format tag, source file, the tokenizer's ids, and the read-time data report.
+- P.meta.json: format tag, source file, the tokenizer's ids and chat template digest, and the
+  read-time data report.
   It is written last: its presence marks a complete preprocessing run.
 `IndexedDocuments` reads them back with the same interface as `InMemoryDocuments`.
 """
@@ -15,7 +16,8 @@ import os
 
 import numpy as np
 
-from megatron_irl.data.documents import tokenize_segments
+from megatron_irl.data.chat_template import describe_rendering
+from megatron_irl.data.documents import tokenize_record
 from megatron_irl.data.records import read_records
 from megatron_irl.data.report import DataError, DataReport
 from megatron_irl.data.tokenizer import Tokenizer, describe_tokenizer
@@ -49,7 +51,8 @@ def preprocess_jsonl(
         get_idx_path,
     )
 
-    report = DataReport(source=input_path, strict=strict)
+    report = DataReport(source=input_path, strict=strict,
+                        chat_rendering=describe_rendering(tokenizer))
     os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
     if os.path.exists(meta_path(output_prefix)):
         os.remove(meta_path(output_prefix))  # an interrupted rewrite must not look complete
@@ -59,7 +62,7 @@ def preprocess_jsonl(
     lines = []
     try:
         for record in read_records(input_path, report):
-            ids, lengths = tokenize_segments(record.segments, tokenizer)
+            ids, lengths = tokenize_record(record, tokenizer, input_path)
             builder.add_document(ids, lengths)
             lines.append(record.line)
     finally:
@@ -103,7 +106,8 @@ class IndexedDocuments:
                 f"one given ({expected}); rerun tools/preprocess_data.py with this tokenizer"
             )
         self.source = meta["source"]
-        self.report = DataReport(source=self.source, strict=strict)
+        self.report = DataReport(source=self.source, strict=strict,
+                                 chat_rendering=describe_rendering(tokenizer))
         self.report.num_records = meta["num_records"]
         self.report.num_documents = meta["num_documents"]
         self.report.merge_problems(meta["problem_counts"], meta["problem_examples"])

@@ -42,6 +42,7 @@ class DataReport:
 
     source: str
     strict: bool = False
+    chat_rendering: str = ""  # how chat records are rendered (chat_template.describe_rendering)
     num_records: int = 0  # valid JSONL records read
     num_documents: int = 0  # records that became tokenized documents
     num_packed_documents: int = 0  # documents placed in rows (dropped ones excluded)
@@ -88,6 +89,8 @@ class DataReport:
             f"{self.num_packed_documents} packed into {self.num_rows} rows of {self.seq_length} "
             f"positions, {self.num_trained_positions} trained positions ({fill:.1f}%)"
         ]
+        if self.chat_rendering:
+            lines.append(f"  chat records rendered with: {self.chat_rendering}")
         if not self.num_problems:
             lines.append("  no records changed or dropped")
         for kind, count in sorted(self.problem_counts.items()):

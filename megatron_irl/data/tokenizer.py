@@ -2,7 +2,8 @@
 
 Interface (`Tokenizer`): `encode(text) -> list[int]` (raw pieces, no special tokens added),
 `decode(ids) -> str` (special tokens skipped), `eos_id`, `bos_id` (None when documents get no
-BOS), `pad_id`, `vocab_size`.
+BOS), `pad_id`, `vocab_size`, `chat_template` (a `ChatTemplate` chat records are rendered
+with, None for the built-in rendering; see `megatron_irl.data.chat_template`).
 
 Special tokens:
 - Hugging Face directory (`tokenizer.json`, read with the `tokenizers` package): EOS/BOS/PAD
@@ -18,6 +19,12 @@ import json
 import os
 from typing import Optional, Protocol
 
+from megatron_irl.data.chat_template import (
+    SPECIAL_TOKEN_NAMES,
+    ChatTemplate,
+    read_chat_template_file,
+    tokenizer_chat_template,
+)
 from megatron_irl.data.report import DataError
 
 
@@ -26,6 +33,7 @@ class Tokenizer(Protocol):
     bos_id: Optional[int]
     pad_id: int
     vocab_size: int
+    chat_template: Optional[ChatTemplate]
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -40,9 +48,10 @@ def _token_string(value) -> Optional[str]:
 
 
 class HFTokenizer:
-    """Tokenizer from a Hugging Face directory holding `tokenizer.json`."""
+    """Tokenizer from a Hugging Face directory holding `tokenizer.json`; its chat template is
+    the file `chat_template` when given, else the directory's own (None without one)."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, chat_template: Optional[str] = None):
         from tokenizers import Tokenizer as _RustTokenizer
 
         json_path = os.path.join(directory, "tokenizer.json")
@@ -71,6 +80,12 @@ class HFTokenizer:
         self.bos_id = self._id_of(bos, "bos_token", directory) if use_bos and bos else None
         pad = _token_string(config.get("pad_token"))
         self.pad_id = self._id_of(pad, "pad_token", directory) if pad else self.eos_id
+        special = tuple((name, _token_string(config[name])) for name in SPECIAL_TOKEN_NAMES
+                        if _token_string(config.get(name)))
+        self.chat_template = (read_chat_template_file(chat_template, special) if chat_template
+                              else tokenizer_chat_template(directory, config, special))
+        self.special_tokens = {token.content for token in
+                               self._tok.get_added_tokens_decoder().values() if token.special}
 
     @staticmethod
     def _read_special_tokens(directory: str) -> dict:
@@ -95,6 +110,11 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` (no special tokens added) and each token's character span."""
+        encoding = self._tok.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
+
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
 
@@ -115,6 +135,7 @@ class SentencePieceTokenizer:
         self.eos_id = self._sp.eos_id()
         self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+        self.chat_template = None
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -123,13 +144,17 @@ class SentencePieceTokenizer:
         return self._sp.decode([int(i) for i in ids])
 
 
-def load_tokenizer(path: str) -> Tokenizer:
-    """A Hugging Face directory (or its tokenizer.json) or a sentencepiece `.model` file."""
+def load_tokenizer(path: str, chat_template: Optional[str] = None) -> Tokenizer:
+    """A Hugging Face directory (or its tokenizer.json) or a sentencepiece `.model` file;
+    `chat_template`: a Jinja file that replaces the tokenizer's own (`--chat-template`)."""
     if os.path.isdir(path):
-        return HFTokenizer(path)
+        return HFTokenizer(path, chat_template)
     if os.path.isfile(path) and os.path.basename(path) == "tokenizer.json":
-        return HFTokenizer(os.path.dirname(path) or ".")
+        return HFTokenizer(os.path.dirname(path) or ".", chat_template)
     if os.path.isfile(path) and path.endswith(".model"):
+        if chat_template:
+            raise DataError(f"--chat-template {chat_template}: needs a Hugging Face tokenizer "
+                            f"(tokenizer.json), not the sentencepiece model {path}")
         return SentencePieceTokenizer(path)
     if not os.path.exists(path):
         raise DataError(f"--tokenizer-model {path}: no such file or directory")
@@ -146,4 +171,5 @@ def describe_tokenizer(tokenizer: Tokenizer) -> dict:
         "eos_id": tokenizer.eos_id,
         "bos_id": tokenizer.bos_id,
         "pad_id": tokenizer.pad_id,
+        "chat_template": tokenizer.chat_template.digest if tokenizer.chat_template else None,
     }

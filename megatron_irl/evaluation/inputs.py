@@ -1,9 +1,12 @@
 """Evaluation inputs from the training data format (prompt/response or chat JSONL).
 
 A record's context (everything before its last response) is the prompt; its last response
-is the reference. Records the training pipeline would drop (no assistant turn, empty
-response) are dropped here too and counted in the returned ``DataReport``; malformed ones
-raise ``DataError`` naming ``file:line``.
+is the reference. With a tokenizer chat template, a chat record's prompt is the template's
+text of the messages before the last assistant turn with ``add_generation_prompt`` (ending
+where the model's turn begins), and whole documents are rendered as training renders them.
+Records the training pipeline would drop (no assistant turn, empty response) are dropped
+here too and counted in the returned ``DataReport``; malformed ones raise ``DataError``
+naming ``file:line``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import itertools
 from dataclasses import dataclass
 
 from megatron_irl.data import DataError, DataReport, Tokenizer
-from megatron_irl.data.documents import tokenize_segments
+from megatron_irl.data.chat_template import chat_prompt, describe_rendering
+from megatron_irl.data.documents import tokenize_record, tokenize_segments
 from megatron_irl.data.records import Record, read_records
 from megatron_irl.evaluation.metrics import extract_answer, normalize_answer
 
@@ -41,30 +45,36 @@ class ScoredPair:
     setting: str | None = None  # the decoding setting that drew it (``eval``'s "setting")
 
 
-def _records(path: str, limit: int | None) -> tuple[list[Record], DataReport]:
-    report = DataReport(source=path)
+def _records(path: str, limit: int | None, tokenizer: Tokenizer
+             ) -> tuple[list[Record], DataReport]:
+    report = DataReport(source=path, chat_rendering=describe_rendering(tokenizer))
     return list(itertools.islice(read_records(path, report), limit)), report
 
 
 def read_eval_prompts(path: str, tokenizer: Tokenizer, limit: int | None = None,
                       answer_pattern: str | None = None) -> tuple[list[EvalPrompt], DataReport]:
     """The first ``limit`` usable records of ``path`` as prompts (all when None)."""
-    records, report = _records(path, limit)
+    records, report = _records(path, limit, tokenizer)
     prompts = []
     for record in records:
         context = record.segments[:-1]
         reference = record.segments[-1][0]
-        prompt_tokens, _ = tokenize_segments(context, tokenizer)
-        # tokenize_segments closes its last segment with EOS: a prompt must stay open.
-        prompt_tokens = prompt_tokens[:-1]
+        if tokenizer.chat_template is not None and "messages" in record.fields:
+            messages = record.fields["messages"]
+            prompt, prompt_tokens = chat_prompt(tokenizer.chat_template, messages, tokenizer)
+            reference = [m for m in messages if m["role"] == "assistant"][-1]["content"]
+        else:
+            prompt = "".join(text for text, _ in context)
+            prompt_tokens, _ = tokenize_segments(context, tokenizer)
+            # tokenize_segments closes its last segment with EOS: a prompt must stay open.
+            prompt_tokens = prompt_tokens[:-1]
         answer = record.fields.get("answer")
         if answer is not None and not isinstance(answer, (str, int, float)):
             raise DataError(f"{path}:{record.line}: 'answer' must be a string or a number, "
                             f"got {type(answer).__name__}")
         answer = (normalize_answer(str(answer)) if answer is not None
                   else extract_answer(reference, answer_pattern))
-        prompts.append(EvalPrompt(record.line, "".join(text for text, _ in context),
-                                  prompt_tokens, reference, answer))
+        prompts.append(EvalPrompt(record.line, prompt, prompt_tokens, reference, answer))
     return prompts, report
 
 
@@ -93,7 +103,7 @@ def read_scored_pairs(path: str, tokenizer: Tokenizer, score_field: str,
     computed over a silently smaller set. A record with ``"finished": false`` (``eval``'s
     samples cut by ``--max-new-tokens``) is tokenized without the closing EOS: it did not end.
     """
-    records, report = _records(path, limit)
+    records, report = _records(path, limit, tokenizer)
     scored = [score_field in record.fields for record in records]
     pairs = []
     for record in records:
@@ -106,7 +116,7 @@ def read_scored_pairs(path: str, tokenizer: Tokenizer, score_field: str,
             raise DataError(f"{path}:{record.line}: 'finished' must be true or false, "
                             f"got {finished!r}")
         setting = record.fields.get("setting")
-        tokens, lengths = tokenize_segments(record.segments, tokenizer)
+        tokens, lengths = tokenize_record(record, tokenizer, path)
         if not finished:
             tokens, lengths = tokens[:-1], lengths[:-1] + [lengths[-1] - 1]
             if lengths[-1] == 0:

@@ -27,6 +27,7 @@ class InferenceOptions:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     tokenizer_model: str | None = None  # unset: the checkpoint's --tokenizer-model
+    chat_template: str | None = None  # unset: the checkpoint's --chat-template
     micro_batch_size: int = 16  # sequences per forward
     limit: int | None = None  # first N records only
     seed: int = 1234
@@ -95,6 +96,8 @@ _HELP = {
     "data": "JSONL records: prompt/response or messages",
     "ckpt_step": "load this iteration of --load; unset: the latest complete one",
     "tokenizer_model": "tokenizer; unset: the one the checkpoint was trained with",
+    "chat_template": "Jinja chat template file for chat records; unset: the one the "
+                     "checkpoint was trained with, else the tokenizer's own",
     "tensor_model_parallel_size": "tensor-parallel size to run the model at",
     "pipeline_model_parallel_size": "pipeline stages to run the model at",
     "micro_batch_size": "sequences per forward pass",

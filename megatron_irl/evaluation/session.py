@@ -84,7 +84,8 @@ def inference_session(options: InferenceOptions, read_inputs: Callable[[Tokenize
             f"world size {world_size} must be divisible by --tensor-model-parallel-size "
             f"{options.tensor_model_parallel_size} x --pipeline-model-parallel-size "
             f"{options.pipeline_model_parallel_size} (= {replica})")
-    tokenizer = load_tokenizer(options.tokenizer_model or cfg.data.tokenizer_model)
+    tokenizer = load_tokenizer(options.tokenizer_model or cfg.data.tokenizer_model,
+                               options.chat_template or cfg.data.chat_template)
     inputs = read_inputs(tokenizer)
     init_distributed(cfg.parallel, options.seed)
     try:

@@ -179,7 +179,7 @@ def _num_microbatches(cfg: TrainConfig) -> int:
 
 
 def _setup_data(cfg: TrainConfig, log: TrainingLogger):
-    tokenizer = load_tokenizer(cfg.data.tokenizer_model)
+    tokenizer = load_tokenizer(cfg.data.tokenizer_model, cfg.data.chat_template)
     train_set = SFTDataset(cfg.data.train_data_path, tokenizer, cfg.model.seq_length,
                            strict=cfg.data.strict)
     log.info(train_set.report.format())

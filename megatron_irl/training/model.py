@@ -75,6 +75,7 @@ def transformer_config(cfg: TrainConfig) -> TransformerConfig:
         activation_func=F.silu if model.swiglu else F.gelu,
         add_bias_linear=model.add_bias_linear,
         add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
         init_method_std=model.init_method_std,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
@@ -154,11 +155,12 @@ def layer_spec(cfg: TrainConfig, thd: bool = False) -> ModuleSpec:
             get_gpt_layer_with_transformer_engine_spec,
         )
 
-        spec = get_gpt_layer_with_transformer_engine_spec()
+        spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.model.qk_layernorm)
     else:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        spec = get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+        spec = get_gpt_layer_local_spec(normalization=cfg.model.normalization,
+                                        qk_layernorm=cfg.model.qk_layernorm)
     spec.submodules.self_attention.params["attn_mask_type"] = (
         AttnMaskType.causal if thd else AttnMaskType.arbitrary)
     return spec
@@ -258,6 +260,8 @@ def build_model_chunks(cfg: TrainConfig, vocab_size: int, device: torch.device |
             position_embedding_type=cfg.model.position_embedding_type,
             rotary_percent=cfg.model.rotary_percent,
             rotary_base=cfg.model.rotary_base,
+            rope_scaling=cfg.model.use_rope_scaling,
+            rope_scaling_factor=cfg.model.rope_scaling_factor,
             vp_stage=vp,
         ))
         place_model(chunks[-1], device, config.params_dtype)

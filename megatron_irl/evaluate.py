@@ -109,7 +109,7 @@ def evaluate(options: EvalOptions) -> None:
     with inference_session(options, read_inputs) as session:
         prompts, data_report = session.inputs
         model_cfg = session.config.model
-        generator = Generator(session.model, session.tokenizer.vocab_size,
+        generator = Generator(session.model, session.config.model.vocab_size,
                               session.tokenizer.eos_id, model_cfg.max_position_embeddings,
                               session.pipeline_group)
         settings, samples = [], []

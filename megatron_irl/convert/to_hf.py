@@ -119,9 +119,11 @@ def convert_to_hf(load_dir: str, output_dir: str, *, tokenizer: str | None = Non
             tokenizer_config.json (a model imported from Hugging Face), whose files are
             copied instead.
         family: llama, mistral or qwen2; unset: qwen2 with q/k/v biases, else llama.
-        vocab_size: rows kept of the padded vocabulary; unset: ``vocab_size`` of the
-            tokenizer directory's hf_config.json (written by the import), else the
-            tokenizer's vocabulary size (a sentencepiece model's piece count).
+        vocab_size: rows kept of the padded vocabulary; unset: the checkpoint's real
+            vocabulary (``--vocab-size`` as training resolved it); for a checkpoint that
+            does not record it, ``vocab_size`` of the tokenizer directory's hf_config.json
+            (written by the import), else the tokenizer's vocabulary size (a sentencepiece
+            model's piece count).
         dtype: float32 or bfloat16; unset: the embedding's stored dtype (a bf16
             checkpoint keeps its norm weights in fp32; they are cast with the rest).
 
@@ -134,7 +136,8 @@ def convert_to_hf(load_dir: str, output_dir: str, *, tokenizer: str | None = Non
     tokenizer = tokenizer or state["config"]["data"].get("tokenizer_model")
     tokenizer_dir, sentencepiece_model = _tokenizer_source(tokenizer)
     chosen_family = families.family_of_model(model, family)
-    vocab_size = vocab_size or _source_vocab_size(tokenizer_dir, sentencepiece_model)
+    vocab_size = (vocab_size or state["model_architecture"].get("vocab_size")
+                  or _source_vocab_size(tokenizer_dir, sentencepiece_model))
     if vocab_size > padded_vocab:
         raise ConversionError(f"--vocab-size {vocab_size} exceeds the checkpoint's "
                               f"{padded_vocab} embedding rows")

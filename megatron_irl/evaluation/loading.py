@@ -42,7 +42,8 @@ def inference_config(saved: TrainConfig, tensor_parallel: int, pipeline_parallel
 
 
 def load_inference_model(cfg: TrainConfig, load_dir: str, vocab_size: int):
-    """This rank's GPTModel with the checkpoint's weights, in eval mode.
+    """This rank's GPTModel with the checkpoint's weights, in eval mode; ``vocab_size`` is
+    the real vocabulary (``planning.real_vocab_size``).
 
     Collective over the world group (the checkpoint load). Megatron's parallel state must
     be initialised with ``cfg.parallel``'s layout.

@@ -106,6 +106,7 @@ def online_soft_q_loss(
     tp_group: Optional[dist.ProcessGroup] = None,
     stop_value_grad: bool = False,
     check_inputs: bool = False,
+    vocab_size: Optional[int] = None,
 ) -> OnlineSoftQLossOutput:
     """Per-token online soft-Q loss over vocab-parallel logits; see the module doc for the maths.
 
@@ -127,6 +128,8 @@ def online_soft_q_loss(
             (the value difference ``u_t`` always differentiates both values).
         check_inputs: also check labels against the vocabulary and that the masks are
             disjoint (device syncs).
+        vocab_size: the real vocabulary (padded ids above it get no probability), as in
+            ``vocab_parallel_soft_q_loss``.
 
     Returns:
         ``OnlineSoftQLossOutput``; the loss is ``expert_loss.sum() / N_E +
@@ -146,7 +149,7 @@ def online_soft_q_loss(
     td_mask = loss_mask + policy_mask if mixture_td else loss_mask
     out = vocab_parallel_soft_q_loss(
         logits, labels, td_mask, terminal, lam=lam, gamma=gamma, tp_group=tp_group,
-        stop_value_grad=stop_value_grad, check_labels=check_inputs,
+        stop_value_grad=stop_value_grad, check_labels=check_inputs, vocab_size=vocab_size,
     )
     known = td_active_mask(loss_mask + policy_mask, terminal)  # next state known, [b, s]
     u = value_difference(out.value, terminal, gamma, known)

@@ -289,12 +289,21 @@ def model_architecture(model) -> dict:
         "max_position_embeddings": model.max_sequence_length if learned_positions else None,
         "untie_embeddings_and_output_weights": not model.share_embeddings_and_output_weights,
         "padded_vocab_size": model.vocab_size,
+        # The real vocabulary below the padding (training.model.build_model_chunks).
+        "vocab_size": model.real_vocab_size,
     }
 
 
 def _check_architecture(saved: dict, current: dict, directory: str) -> None:
     """Raise a CheckpointError listing every field where ``saved`` and ``current`` differ."""
-    differing = [name for name in current if saved.get(name) != current[name]]
+    differing = [name for name in current if saved.get(name) != current[name]
+                 and not (name == "vocab_size" and name not in saved)]
+    if "vocab_size" not in saved and dist.get_rank() == 0:
+        print(f"note: checkpoint {directory} does not record its real vocabulary (saved before "
+              f"padded vocabulary rows were masked); taking {current['vocab_size']} "
+              "(--vocab-size, else the tokenizer's size). If the model has more real rows (a "
+              "model imported from Hugging Face with more embedding rows than tokenizer "
+              "tokens), pass --vocab-size with its vocab_size.", flush=True)
     if not differing:
         return
     flags = {f.name: f.metadata["flag"] for f in dataclasses.fields(ModelConfig)}

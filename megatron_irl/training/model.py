@@ -151,7 +151,12 @@ class HiddenStatesGPTModel(GPTModel):
 
 
 def build_model_chunks(cfg: TrainConfig, vocab_size: int) -> list[GPTModel]:
-    """This rank's model: one GPTModel per virtual pipeline stage (one without interleaving)."""
+    """This rank's model: one GPTModel per virtual pipeline stage (one without interleaving).
+
+    ``vocab_size`` is the real vocabulary (``planning.real_vocab_size``); the embedding and
+    output layer get it padded to equal TP shards. Each chunk records it as
+    ``real_vocab_size`` (the checkpoint stores it with the architecture).
+    """
     config = transformer_config(cfg)
     spec = layer_spec(cfg)
     padded = padded_vocab_size(
@@ -175,6 +180,7 @@ def build_model_chunks(cfg: TrainConfig, vocab_size: int) -> list[GPTModel]:
             rotary_base=cfg.model.rotary_base,
             vp_stage=vp,
         ))
+        chunks[-1].real_vocab_size = vocab_size
     return chunks
 
 

@@ -235,3 +235,25 @@ def test_check_labels_rejects_a_trained_label_in_the_padding():
         vocab_parallel_soft_q_loss(inputs["logits"], labels, inputs["loss_mask"],
                                    inputs["terminal"], vocab_size=12, check_labels=True,
                                    **OPTIONS)
+
+
+# ---------------------------------------------------------------- the checkpoint's record
+
+ARCHITECTURE = {"hidden_size": 64, "padded_vocab_size": 128, "vocab_size": 100}
+
+
+def test_checkpoint_with_another_real_vocabulary_is_refused_naming_the_flag():
+    from megatron_irl.training.checkpoint import CheckpointError, _check_architecture
+
+    with pytest.raises(CheckpointError, match=r"vocab_size \(--vocab-size\): checkpoint 100, "
+                                              r"this run 98"):
+        _check_architecture(ARCHITECTURE, {**ARCHITECTURE, "vocab_size": 98}, "ckpt")
+
+
+def test_checkpoint_without_a_real_vocabulary_loads_with_the_fallback_named(caplog):
+    from megatron_irl.training.checkpoint import _check_architecture
+
+    saved = {name: value for name, value in ARCHITECTURE.items() if name != "vocab_size"}
+    _check_architecture(saved, {**ARCHITECTURE, "vocab_size": 98}, "ckpt")
+    assert "does not record its real vocabulary" in caplog.text
+    assert "taking 98 (--vocab-size, else the tokenizer's size)" in caplog.text

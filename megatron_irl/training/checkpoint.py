@@ -298,17 +298,17 @@ def _check_architecture(saved: dict, current: dict, directory: str) -> None:
     """Raise a CheckpointError listing every field where ``saved`` and ``current`` differ."""
     differing = [name for name in current if saved.get(name) != current[name]
                  and not (name == "vocab_size" and name not in saved)]
-    if "vocab_size" not in saved and dist.get_rank() == 0:
-        print(f"note: checkpoint {directory} does not record its real vocabulary (saved before "
-              f"padded vocabulary rows were masked); taking {current['vocab_size']} "
-              "(--vocab-size, else the tokenizer's size). If the model has more real rows (a "
-              "model imported from Hugging Face with more embedding rows than tokenizer "
-              "tokens), pass --vocab-size with its vocab_size.", flush=True)
+    if "vocab_size" not in saved and (not dist.is_initialized() or dist.get_rank() == 0):
+        log.warning("checkpoint %s does not record its real vocabulary (saved before padded "
+                    "vocabulary rows were masked): taking %d (--vocab-size, else the tokenizer's "
+                    "size). A model with more real rows than tokenizer tokens (e.g. imported "
+                    "from Hugging Face) needs --vocab-size set to its vocab_size to train.",
+                    directory, current["vocab_size"])
     if not differing:
         return
     flags = {f.name: f.metadata["flag"] for f in dataclasses.fields(ModelConfig)}
     flags["padded_vocab_size"] = (
-        "the tokenizer's vocabulary padded to a multiple of "
+        "the real vocabulary (--vocab-size, else the tokenizer's) padded to a multiple of "
         "lcm(--make-vocab-size-divisible-by, --tensor-model-parallel-size)")
     lines = [f"  {name}{f' ({flags[name]})' if name in flags else ''}: checkpoint "
              f"{saved.get(name)!r}, this run {current[name]!r}" for name in differing]

@@ -283,8 +283,9 @@ def vocab_parallel_soft_q_loss(
     Collectives over ``tp_group`` in forward: all-reduce MAX of ``[b, s]`` fp32, all-reduce SUM
     of ``[2, b, s]`` fp32 (target logit and sum of exponentials). None in backward.
 
-    Mutation: fp32 ``logits`` are overwritten with the softmax (0 in padded columns) in forward and with their own
-    gradient in backward (as in Megatron's cross entropy; clone them if you still need them).
+    Mutation: fp32 ``logits`` are overwritten with the softmax (0 in padded columns) in
+    forward and with their own gradient in backward (as in Megatron's cross entropy; clone
+    them if you still need them).
     bf16/fp16 logits are not modified (one fp32 copy is made). Backward may run only once.
     """
     if tp_group is None:

@@ -257,3 +257,13 @@ def test_checkpoint_without_a_real_vocabulary_loads_with_the_fallback_named(capl
     _check_architecture(saved, {**ARCHITECTURE, "vocab_size": 98}, "ckpt")
     assert "does not record its real vocabulary" in caplog.text
     assert "taking 98 (--vocab-size, else the tokenizer's size)" in caplog.text
+
+
+def test_real_vocabulary_is_the_flag_else_the_tokenizers_and_never_below_it():
+    from megatron_irl.config import ConfigError, ModelConfig
+    from megatron_irl.planning import real_vocab_size
+
+    assert real_vocab_size(ModelConfig(), 98) == 98
+    assert real_vocab_size(ModelConfig(vocab_size=100), 98) == 100
+    with pytest.raises(ConfigError, match="--vocab-size 97 is smaller than the tokenizer's 98"):
+        real_vocab_size(ModelConfig(vocab_size=97), 98)

@@ -128,7 +128,8 @@ def _exp_logits_and_statistics(logits, local_label, owned, tp_group):
     rank's max per token (padded rows, already -inf, become 0). Returns ``[c]`` fp32 per
     token: ``logits_max`` (``M``, over all ranks), ``shifted_target`` (``z[a] - M``),
     ``sum_exp`` (``sum exp(z - M)`` over the whole vocabulary) and ``shard_scale``
-    (``exp(m - M)``, turning this rank's ``exp(z - m)`` into ``exp(z - M)``). ``local_label`` ``[c]`` indexes this rank's shard where ``owned``.
+    (``exp(m - M)``, turning this rank's ``exp(z - m)`` into ``exp(z - M)``).
+    ``local_label`` ``[c]`` indexes this rank's shard where ``owned``.
     All-reduces MAX of ``[c]`` and SUM of ``[2, c]`` over ``tp_group``.
     """
     # Clamped so that a shard of padding only (all -inf) gives exp(-inf - m) = 0, not NaN,

@@ -91,6 +91,11 @@ class ModelConfig(_Section):
     make_vocab_size_divisible_by: int = _opt(
         128, "--make-vocab-size-divisible-by",
         "Pad the vocabulary to a multiple of this (times TP).")
+    vocab_size: int | None = _opt(
+        None, "--vocab-size",
+        "Real vocabulary size: token ids below it are the actions, the padding rows above it "
+        "get no probability; unset: the tokenizer's size (an imported model's model.yaml "
+        "sets its embedding rows).")
     transformer_impl: Literal["auto", "local", "transformer_engine"] = _opt(
         "auto", "--transformer-impl",
         "Layer implementation; auto: Transformer Engine when it can run, else local.")
@@ -99,7 +104,7 @@ class ModelConfig(_Section):
         self._require_at_least(1, "num_layers", "hidden_size", "ffn_hidden_size",
                                "num_attention_heads", "num_query_groups", "kv_channels",
                                "seq_length", "max_position_embeddings",
-                               "make_vocab_size_divisible_by", "rotary_base")
+                               "make_vocab_size_divisible_by", "vocab_size", "rotary_base")
         for name in ("norm_epsilon", "init_method_std"):
             self._require(getattr(self, name) > 0, name, "be > 0")
         for name in ("hidden_dropout", "attention_dropout"):

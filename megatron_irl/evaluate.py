@@ -112,7 +112,7 @@ def evaluate(options: EvalOptions) -> None:
         model_cfg = session.config.model
         options = dataclasses.replace(options, max_new_tokens=response_budget(
             prompts, options.data, model_cfg.max_position_embeddings, options.max_new_tokens))
-        generator = Generator(session.model, session.tokenizer.vocab_size,
+        generator = Generator(session.model, session.config.model.vocab_size,
                               session.tokenizer.eos_id, model_cfg.max_position_embeddings,
                               session.pipeline_group)
         settings, samples = [], []

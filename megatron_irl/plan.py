@@ -11,9 +11,9 @@ there. Then it prints the parallel layout (which ranks hold which layers and voc
 rows), the parameter count, and the memory of each pipeline stage's GPUs
 (``megatron_irl.planning``), and exits without building the model or importing Megatron.
 
-The vocabulary size is the tokenizer's: ``--vocab-size N``, else read from
-``--tokenizer-model`` when it exists (it need not: a recipe names the directory the Hugging
-Face import will create).
+The vocabulary size is the real one, as training takes it: ``--vocab-size N`` (the training
+flag), else the tokenizer's, read from ``--tokenizer-model`` when it exists (it need not: a
+recipe names the directory the Hugging Face import will create).
 
 Exit status: 0 when the largest stage fits in ``--gpu-memory-gib``, 1 when it does not,
 2 for an invalid configuration.
@@ -51,7 +51,7 @@ class PlanRequest:
     config: TrainConfig
     world_size: int
     gpus_per_node: int | None  # None: only the world size is known
-    vocab_size: int | None  # --vocab-size
+    vocab_size: int | None  # --vocab-size (the training flag)
     gpu_memory_gib: float
 
 
@@ -70,9 +70,6 @@ def _add_plan_flags(parser: argparse.ArgumentParser) -> None:
                        help="Nodes, instead of --world-size (world = nodes x GPUs per node).")
     group.add_argument("--gpus-per-node", type=_positive_int, metavar="G",
                        help="GPUs per node (default with --nodes: 8).")
-    group.add_argument("--vocab-size", type=_positive_int, metavar="N",
-                       help="The tokenizer's vocabulary size (unpadded); default: read "
-                            "from --tokenizer-model, which then must exist.")
     group.add_argument("--gpu-memory-gib", type=float, metavar="GIB",
                        default=DEFAULT_GPU_MEMORY_GIB,
                        help=f"Memory of one GPU (default: {DEFAULT_GPU_MEMORY_GIB}, an H100 "
@@ -105,7 +102,8 @@ def parse_plan_args(argv: Sequence[str], env: Mapping[str, str] = os.environ) ->
         world_size = flags.world_size or world_size_from_env(env)
     if flags.gpu_memory_gib <= 0:
         raise ConfigError(f"--gpu-memory-gib {flags.gpu_memory_gib}: must be > 0")
-    return PlanRequest(config, world_size, gpus_per_node, flags.vocab_size, flags.gpu_memory_gib)
+    return PlanRequest(config, world_size, gpus_per_node, config.model.vocab_size,
+                       flags.gpu_memory_gib)
 
 
 def resolve_vocab_size(cfg: TrainConfig, requested: int | None) -> tuple[int, str, list[str]]:
@@ -124,12 +122,13 @@ def resolve_vocab_size(cfg: TrainConfig, requested: int | None) -> tuple[int, st
         from_tokenizer = load_tokenizer(path).vocab_size
     except DataError as error:
         raise ConfigError(f"--tokenizer-model {path}: {error}") from error
+    vocab = planning.real_vocab_size(cfg.model, from_tokenizer)  # as training resolves it
     if requested is None:
-        return from_tokenizer, f"--tokenizer-model {path}", []
+        return vocab, f"--tokenizer-model {path}", []
     notes = [] if requested == from_tokenizer else [
-        f"--vocab-size {requested} differs from the {from_tokenizer} tokens of "
-        f"--tokenizer-model {path}; the plan uses {requested}, training will use {from_tokenizer}"]
-    return requested, "--vocab-size", notes
+        f"--vocab-size {requested} exceeds the {from_tokenizer} tokens of --tokenizer-model "
+        f"{path}: the ids between are real (e.g. an imported model's extra embedding rows)"]
+    return vocab, "--vocab-size", notes
 
 
 def check_launch(cfg: TrainConfig, world_size: int) -> int:

@@ -92,6 +92,7 @@ def _build_training(hidden_size=64, dropout=0.1, num_layers=2, distributed_optim
             post_process=parallel_state.is_pipeline_last_stage(**position),
             vp_stage=stage,
         )
+        module.real_vocab_size = VOCAB  # unpadded, as build_model_chunks records it
         ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer)
         chunks.append(DistributedDataParallel(config, ddp_config, module))
     config.finalize_model_grads_func = finalize_model_grads

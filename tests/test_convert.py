@@ -108,6 +108,7 @@ def rank_logits(load_dir: str, tokens: torch.Tensor):
 
     from megatron_irl.config import TrainConfig
     from megatron_irl.data import load_tokenizer
+    from megatron_irl.planning import real_vocab_size
     from megatron_irl.training.checkpoint import iteration_dir, latest_iteration, load_checkpoint
     from megatron_irl.training.model import build_model_chunks
 
@@ -118,7 +119,7 @@ def rank_logits(load_dir: str, tokens: torch.Tensor):
     cfg = TrainConfig.from_dict({"model": saved["config"]["model"], "parallel": {
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}})
     tokenizer = load_tokenizer(saved["config"]["data"]["tokenizer_model"])
-    (chunk,) = build_model_chunks(cfg, tokenizer.vocab_size)
+    (chunk,) = build_model_chunks(cfg, real_vocab_size(cfg.model, tokenizer.vocab_size))
     load_checkpoint(load_dir, [chunk], load_optimizer=False, load_rng=False)
     chunk.eval()
     b, s = tokens.shape
@@ -213,7 +214,7 @@ def test_model_yaml_holds_the_model_section_the_trainer_needs(tmp_path):
         "rope_scaling_factor": 8.0, "rotary_percent": 1.0, "qk_layernorm": False,
         "untie_embeddings_and_output_weights": False, "add_bias_linear": False,
         "add_qkv_bias": False, "init_method_std": 0.02, "hidden_dropout": 0.0,
-        "attention_dropout": 0.0, "make_vocab_size_divisible_by": 128}
+        "attention_dropout": 0.0, "make_vocab_size_divisible_by": 128, "vocab_size": 98}
     assert converted["checkpoint"] == {"load": str(tmp_path / "mg"), "finetune": True}
     assert converted["data"] == {"tokenizer_model": str(tmp_path / "mg")}
     assert "sliding_window 4096" in text  # Mistral's window is noted, not silently dropped

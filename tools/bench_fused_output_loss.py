@@ -39,7 +39,7 @@ def _run_variant(name, hidden, weight, labels, loss_mask, terminal, group, args)
     from megatron_irl.loss import vocab_parallel_soft_q_loss
     from megatron_irl.loss.fused_output import fused_output_soft_q_loss_sum
 
-    options = dict(lam=args.lam, gamma=args.gamma, tp_group=group)
+    options = dict(lam=args.lam, gamma=args.gamma, tp_group=group, vocab_size=args.real_vocab)
     if name == "unfused":
         logits = copy_to_tensor_model_parallel_region(hidden, group=group) @ weight.t()
         loss_sum = vocab_parallel_soft_q_loss(logits, labels, loss_mask, terminal,
@@ -57,7 +57,7 @@ def _inputs(args, tp, rank):
     b = 4
     s = args.tokens // b
     hidden = torch.randn(b, s, args.hidden, generator=generator).to(args.dtype)
-    labels = torch.randint(0, args.vocab, (b, s), generator=generator)
+    labels = torch.randint(0, args.real_vocab or args.vocab, (b, s), generator=generator)
     loss_mask = (torch.rand(b, s, generator=generator) > 0.2).float()
     terminal = torch.rand(b, s, generator=generator) > 0.95
     labels[loss_mask == 0] = -100
@@ -82,6 +82,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=131072)
+    parser.add_argument("--real-vocab", type=int, default=None,
+                        help="real vocabulary, the rest of --vocab is padding that both "
+                             "variants mask (vocab_size); default: no padding")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--chunk-size", type=int, default=128, help="tokens per fused chunk")
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
@@ -92,7 +95,8 @@ def main() -> None:
     args = parser.parse_args()
     args.dtype = getattr(torch, args.dtype)
 
-    print(f"tokens={args.tokens} vocab={args.vocab} hidden={args.hidden} "
+    print(f"tokens={args.tokens} vocab={args.vocab} real_vocab={args.real_vocab} "
+          f"hidden={args.hidden} "
           f"chunk_size={args.chunk_size} dtype={args.dtype} lam={args.lam} gamma={args.gamma} "
           f"repeats={args.repeats} cores={os.cpu_count()}", flush=True)
     print(f"{'TP':>3} {'variant':<8} {'fwd+bwd ms':>11} {'time ratio':>11} "

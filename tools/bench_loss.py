@@ -39,9 +39,10 @@ def _naive_composition(logits, labels, loss_mask, terminal, tp_group, lam, gamma
     return loss_mask * (nll + lam * delta.square())
 
 
-def run_loss(name, logits, labels, loss_mask, terminal, tp_group, lam, gamma):
+def run_loss(name, logits, labels, loss_mask, terminal, tp_group, lam, gamma, vocab_size=None):
     """One forward+backward of the loss ``name`` (one of ``LOSSES``), mean over trained tokens;
-    ``logits.grad`` receives the gradient (fp32 logits are overwritten in place)."""
+    ``logits.grad`` receives the gradient (fp32 logits are overwritten in place). The soft-Q
+    loss masks the padded columns from ``vocab_size`` on (None: no padding)."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from megatron_irl import vocab_parallel_soft_q_loss
@@ -50,7 +51,8 @@ def run_loss(name, logits, labels, loss_mask, terminal, tp_group, lam, gamma):
         per_token = vocab_parallel_cross_entropy(logits, labels.clamp(min=0)) * loss_mask
     elif name == "soft_q":
         per_token = vocab_parallel_soft_q_loss(
-            logits, labels, loss_mask, terminal, lam=lam, gamma=gamma, tp_group=tp_group
+            logits, labels, loss_mask, terminal, lam=lam, gamma=gamma, tp_group=tp_group,
+            vocab_size=vocab_size,
         ).loss
     else:
         per_token = _naive_composition(logits, labels, loss_mask, terminal, tp_group, lam, gamma)
@@ -66,7 +68,7 @@ def loss_inputs(args, tp, device="cpu"):
     shard = args.vocab // tp
     options = {"generator": generator, "device": device}
     pristine = (torch.randn(b, s, shard, **options) * 3.0).to(args.dtype)
-    labels = torch.randint(0, args.vocab, (b, s), **options)
+    labels = torch.randint(0, args.real_vocab or args.vocab, (b, s), **options)
     loss_mask = (torch.rand(b, s, **options) > 0.2).float()
     terminal = torch.rand(b, s, **options) > 0.95
     labels[loss_mask == 0] = -100
@@ -82,7 +84,8 @@ def _setup(rank, tp, args, group):
         with torch.no_grad():
             logits.copy_(pristine)  # the losses overwrite fp32 logits in place
         logits.grad = None
-        run_loss(name, logits, labels, loss_mask, terminal, group, args.lam, args.gamma)
+        run_loss(name, logits, labels, loss_mask, terminal, group, args.lam, args.gamma,
+                 args.real_vocab)
 
     return one_step
 
@@ -91,6 +94,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--real-vocab", type=int, default=None,
+                        help="real vocabulary, the rest of --vocab is padding that the soft-Q "
+                             "loss masks (vocab_size); default: no padding")
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--repeats", type=int, default=7)
@@ -99,7 +105,8 @@ def main() -> None:
     args = parser.parse_args()
     args.dtype = getattr(torch, args.dtype)
 
-    print(f"tokens={args.tokens} vocab={args.vocab} dtype={args.dtype} lam={args.lam} "
+    print(f"tokens={args.tokens} vocab={args.vocab} real_vocab={args.real_vocab} "
+          f"dtype={args.dtype} lam={args.lam} "
           f"gamma={args.gamma} repeats={args.repeats} cores={os.cpu_count()}")
     header = f"{'TP':>3} {'loss':<24} {'fwd+bwd ms':>11} {'time ratio':>11} " \
              f"{'peak MiB':>9} {'memory ratio':>13}"

@@ -173,8 +173,10 @@ def check_tensor_parallel(model: dict, tp: int) -> None:
 def vocab_divisor(tokenizer_vocab: int, hf_vocab: int, tp: int, requested: int | None) -> int:
     """``--make-vocab-size-divisible-by`` for training at tensor-parallel size ``tp``.
 
-    The trainer pads the *tokenizer's* vocabulary (which may be smaller than the embedding,
-    e.g. Qwen2's) to a multiple of lcm(divisor, TP); that must cover every embedding row.
+    The trainer pads the real vocabulary (the embedding rows, model.yaml's ``vocab_size``)
+    to a multiple of lcm(divisor, TP); the divisor is chosen so that padding the *tokenizer's*
+    vocabulary (which may be smaller than the embedding, e.g. Qwen2's) covers every embedding
+    row too: both then give the same padded size.
     ``requested`` None: lcm(128, TP) (Megatron-LM's default divisor), doubled until it does;
     such a divisor gives the same padded size at every TP that divides it.
     """

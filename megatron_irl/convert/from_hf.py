@@ -53,7 +53,7 @@ class ImportPlan:
     config: dict  # the whole ``TrainConfig.to_dict()`` to build, at the conversion layout
     tensor_parallel_size: int  # the TP size to train with
     hf_vocab_size: int  # embedding rows of the Hugging Face model
-    tokenizer_vocab_size: int  # what the trainer pads (``--tokenizer-model``)
+    tokenizer_vocab_size: int  # the tokenizer's tokens (``--tokenizer-model``), <= hf_vocab_size
     notes: list[str] = field(default_factory=list)
 
 
@@ -94,6 +94,13 @@ def plan_import(hf_dir: str, tensor_parallel_size: int = 1, *, world_size: int =
     divisor = families.vocab_divisor(tokenizer_vocab, hf_vocab, tensor_parallel_size,
                                      make_vocab_size_divisible_by)
     model["make_vocab_size_divisible_by"] = divisor
+    if tokenizer_vocab > hf_vocab:
+        raise ConversionError(
+            f"{source}: the tokenizer has {tokenizer_vocab} tokens, more than the "
+            f"{hf_vocab} embedding rows (vocab_size); its ids beyond them have no weights")
+    # The real vocabulary is the embedding's rows (more than the tokenizer's tokens for
+    # Qwen2, and transformers' softmax covers them all); the padding above gets no probability.
+    model["vocab_size"] = hf_vocab
     conversion_tp = math.gcd(tensor_parallel_size, world_size)
     if (padded_vocab_size(tokenizer_vocab, divisor, conversion_tp)
             != padded_vocab_size(tokenizer_vocab, divisor, tensor_parallel_size)):
@@ -132,7 +139,7 @@ def import_checkpoint(plan: ImportPlan, output_dir: str) -> str:
                                           tokenizer_path(plan.hf_dir, output_dir))}}
     cfg = TrainConfig.from_dict(config)
     with torch.device("meta"):
-        chunks = build_model_chunks(cfg, plan.tokenizer_vocab_size, device=torch.device("meta"))
+        chunks = build_model_chunks(cfg, plan.hf_vocab_size, device=torch.device("meta"))
     reader = SafetensorsReader(plan.hf_dir)
     dims = Dims(cfg.model.num_attention_heads, cfg.model.num_query_groups or
                 cfg.model.num_attention_heads, cfg.model.kv_channels, plan.hf_vocab_size,

@@ -119,9 +119,11 @@ def convert_to_hf(load_dir: str, output_dir: str, *, tokenizer: str | None = Non
         family: llama, mistral, qwen2 or qwen3; unset: the family of the config.json the
             checkpoint was imported from (hf_config.json next to the tokenizer), else
             qwen3 with query/key norms, qwen2 with q/k/v biases, llama otherwise.
-        vocab_size: rows kept of the padded vocabulary; unset: ``vocab_size`` of the
-            tokenizer directory's hf_config.json (written by the import), else the
-            tokenizer's vocabulary size (a sentencepiece model's piece count).
+        vocab_size: rows kept of the padded vocabulary; unset: the checkpoint's real
+            vocabulary (``--vocab-size`` as training resolved it); for a checkpoint that
+            does not record it, ``vocab_size`` of the tokenizer directory's hf_config.json
+            (written by the import), else the tokenizer's vocabulary size (a sentencepiece
+            model's piece count).
         dtype: float32 or bfloat16; unset: the embedding's stored dtype (a bf16
             checkpoint keeps its norm weights in fp32; they are cast with the rest).
 
@@ -135,7 +137,8 @@ def convert_to_hf(load_dir: str, output_dir: str, *, tokenizer: str | None = Non
     tokenizer_dir, sentencepiece_model = _tokenizer_source(tokenizer)
     source_config = _source_config(tokenizer_dir)
     chosen_family = families.family_of_model(model, family, source_config)
-    vocab_size = vocab_size or _source_vocab_size(tokenizer_dir, sentencepiece_model)
+    vocab_size = (vocab_size or state["model_architecture"].get("vocab_size")
+                  or _source_vocab_size(tokenizer_dir, sentencepiece_model))
     if vocab_size > padded_vocab:
         raise ConversionError(f"--vocab-size {vocab_size} exceeds the checkpoint's "
                               f"{padded_vocab} embedding rows")

@@ -112,7 +112,9 @@ class Generator:
 
     Args:
         model: this rank's GPTModel (built without virtual pipeline stages), in eval mode.
-        vocab_size: the tokenizer's vocabulary; padded logits beyond it are never chosen.
+        vocab_size: the real vocabulary (``planning.real_vocab_size``); the softmax, the
+            log-probabilities and the entropy cover it only: the padded logits beyond it
+            are never chosen.
         eos_id: the token that ends a response.
         max_sequence_length: longest prompt + response the model may see.
         pp_group: this rank's pipeline-parallel group (TP collectives happen inside the

@@ -45,7 +45,8 @@ def inference_config(saved: TrainConfig, tensor_parallel: int, pipeline_parallel
 def load_inference_model(cfg: TrainConfig, load_dir: str, vocab_size: int,
                          iteration: int | None = None):
     """This rank's GPTModel with the weights of the checkpoint of ``iteration`` (None: the
-    latest complete one), in eval mode.
+    latest complete one), in eval mode; ``vocab_size`` is the real vocabulary
+    (``planning.real_vocab_size``).
 
     Collective over the world group (the checkpoint load). Megatron's parallel state must
     be initialised with ``cfg.parallel``'s layout.

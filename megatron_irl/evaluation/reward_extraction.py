@@ -74,11 +74,12 @@ class ExtractedRewards:
         return float(sum(self.rewards))
 
 
-def _rewards_of_batch(logits: torch.Tensor, batch: dict, gamma: float):
+def _rewards_of_batch(logits: torch.Tensor, batch: dict, gamma: float, vocab_size: int):
     """The schedule's loss function: no loss, the per-token delta / value / nll instead."""
     out = vocab_parallel_soft_q_loss(logits, batch["labels"], batch["loss_mask"],
                                      batch["terminal"], lam=0.0, gamma=gamma,
-                                     next_position=batch["next_position"])
+                                     next_position=batch["next_position"],
+                                     vocab_size=vocab_size)
     per_token = {"delta": out.delta.detach(), "value": out.value.detach(),
                  "nll": out.nll.detach()}
     return torch.zeros((), device=logits.device), torch.tensor(0, dtype=torch.int), per_token
@@ -88,7 +89,8 @@ def _forward_step(data_iterator, model, gamma: float):
     batch = next(data_iterator)
     mask = block_causal_attention_mask(batch["document_ids"])  # [b, 1, s, s]
     logits = model(batch["tokens"], batch["position_ids"], mask)  # [b, s, v/tp]
-    return logits, partial(_rewards_of_batch, batch=batch, gamma=gamma)
+    return logits, partial(_rewards_of_batch, batch=batch, gamma=gamma,
+                           vocab_size=model.real_vocab_size)
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from megatron_irl.config import ConfigError
 from megatron_irl.data import Tokenizer, load_tokenizer
 from megatron_irl.evaluation.loading import inference_config, load_inference_model, read_saved_run
 from megatron_irl.evaluation.options import InferenceOptions
+from megatron_irl.planning import real_vocab_size
 from megatron_irl.training.distributed import init_distributed, shutdown_distributed
 
 
@@ -29,7 +30,7 @@ class InferenceSession:
 
     options: InferenceOptions
     iteration: int  # the checkpoint's
-    config: Any  # the checkpoint's TrainConfig at the inference layout
+    config: Any  # the checkpoint's TrainConfig at the inference layout, real vocab_size set
     tokenizer: Tokenizer
     inputs: Any  # what ``read_inputs`` returned
     model: Any  # this rank's GPTModel, eval mode
@@ -86,10 +87,13 @@ def inference_session(options: InferenceOptions, read_inputs: Callable[[Tokenize
             f"{options.pipeline_model_parallel_size} (= {replica})")
     tokenizer = load_tokenizer(options.tokenizer_model or cfg.data.tokenizer_model,
                                options.chat_template or cfg.data.chat_template)
+    # The checkpoint's real vocabulary; one saved before it was recorded: the tokenizer's
+    # (load_checkpoint says so).
+    cfg.model.vocab_size = real_vocab_size(cfg.model, tokenizer.vocab_size)
     inputs = read_inputs(tokenizer)
     init_distributed(cfg.parallel, options.seed)
     try:
-        model = load_inference_model(cfg, options.load, tokenizer.vocab_size, saved.iteration)
+        model = load_inference_model(cfg, options.load, cfg.model.vocab_size, saved.iteration)
         yield InferenceSession(options, saved.iteration, cfg, tokenizer, inputs, model,
                                parallel_state.get_data_parallel_rank(),
                                parallel_state.get_data_parallel_world_size())

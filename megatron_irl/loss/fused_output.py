@@ -55,14 +55,14 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_irl.loss.parallel import all_reduce, default_tp_group
+from megatron_irl.loss.parallel import all_reduce, default_tp_group, real_columns, vocab_shard
 from megatron_irl.loss.soft_q import (
     SoftQLossOutput,
     _check_per_token_inputs,
     _per_token_grad_coefficients,
     _per_token_terms,
-    _vocab_range,
     bootstraps_mask,
+    checked_vocab_size,
     default_next_position,
 )
 
@@ -132,13 +132,16 @@ def _softmax_coefficient(rows, value, target_logit, loss_mask, previous, previou
 
 def _exp_logits_and_statistics(logits, local_label, owned, tp_group):
     """In place: the chunk's ``logits`` ``[v/tp, c]`` fp32 become ``exp(z - m)``, ``m`` this
-    rank's max per token. Returns ``[c]`` fp32 per token: ``logits_max`` (``M``, over all
-    ranks), ``shifted_target`` (``z[a] - M``), ``sum_exp`` (``sum exp(z - M)`` over the whole
-    vocabulary) and ``shard_scale`` (``exp(m - M)``, turning this rank's ``exp(z - m)`` into
-    ``exp(z - M)``). ``local_label`` ``[c]`` indexes this rank's shard where ``owned``.
+    rank's max per token (padded rows, already -inf, become 0). Returns ``[c]`` fp32 per
+    token: ``logits_max`` (``M``, over all ranks), ``shifted_target`` (``z[a] - M``),
+    ``sum_exp`` (``sum exp(z - M)`` over the whole vocabulary) and ``shard_scale``
+    (``exp(m - M)``, turning this rank's ``exp(z - m)`` into ``exp(z - M)``).
+    ``local_label`` ``[c]`` indexes this rank's shard where ``owned``.
     All-reduces MAX of ``[c]`` and SUM of ``[2, c]`` over ``tp_group``.
     """
-    local_max = logits.amax(dim=0)
+    # Clamped so that a shard of padding only (all -inf) gives exp(-inf - m) = 0, not NaN,
+    # and a shard scale exp(m - M) of 0.
+    local_max = logits.amax(dim=0).clamp_(min=torch.finfo(torch.float32).min)
     local_target = logits.gather(0, local_label.unsqueeze(0)).squeeze(0)
     logits.sub_(local_max).exp_()
     logits_max = local_max.clone()
@@ -159,11 +162,12 @@ class _FusedOutputSoftQLossSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, loss_mask, terminal, next_position, lam, gamma,
-                stop_value_grad, chunk_size, tp_group, want_hidden, want_weight):
+                stop_value_grad, chunk_size, tp_group, want_hidden, want_weight, vocab_size):
         b, s, h = hidden.shape
         num_tokens = b * s
         flat_hidden = hidden.reshape(num_tokens, h)  # [t, h]
-        vocab_start, vocab_end = _vocab_range(weight.size(0), tp_group)
+        vocab_start, vocab_end = vocab_shard(weight.size(0), tp_group)
+        real_rows = real_columns(weight.size(0), vocab_size, tp_group)
         flat_labels = labels.reshape(-1)
         owned = (flat_labels >= vocab_start) & (flat_labels < vocab_end)  # [t]
         local_label = torch.where(owned, flat_labels - vocab_start, 0)  # [t]
@@ -184,6 +188,8 @@ class _FusedOutputSoftQLossSum(torch.autograd.Function):
             hidden_rows = flat_hidden[rows]
             # In place: logits -> exp(z - m).
             exp_logits = _chunk_logits(hidden_rows, weight, buffer)  # [v/tp, c]
+            # Padded vocabulary rows are no token: -inf, so their softmax and gradient are 0.
+            exp_logits[real_rows:] = float("-inf")
             logits_max, shifted_target, sum_exp, shard_scale = _exp_logits_and_statistics(
                 exp_logits, local_label[rows], owned[rows], tp_group)  # [c] each
             log_sum_exp = torch.log(sum_exp)
@@ -229,14 +235,14 @@ class _FusedOutputSoftQLossSum(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
         del ctx.grad_hidden, ctx.grad_weight  # the returned tensors are the only references
         if grad_loss_sum is None:
-            return (None,) * 13
+            return (None,) * 14
         # In place: the gradients of the sum become those of grad_loss_sum * sum.
         if grad_hidden is not None:
             grad_hidden.mul_(grad_loss_sum)
             all_reduce(grad_hidden, dist.ReduceOp.SUM, ctx.tp_group)  # contiguous [b, s, h]
         if grad_weight is not None:
             grad_weight.mul_(grad_loss_sum)
-        return (grad_hidden, grad_weight) + (None,) * 11
+        return (grad_hidden, grad_weight) + (None,) * 12
 
 
 def _add_one_hot_part(out, flat_hidden, weight, owned, local_label, loss_mask, terminal,
@@ -277,6 +283,7 @@ def fused_output_soft_q_loss_sum(
     tp_group: Optional[dist.ProcessGroup] = None,
     stop_value_grad: bool = False,
     check_labels: bool = False,
+    vocab_size: Optional[int] = None,
 ) -> FusedLossSum:
     """Summed soft-Q loss of ``hidden @ weight.T`` without materialising the ``[b*s, v/tp]``
     logits, with per-token metrics.
@@ -288,8 +295,9 @@ def fused_output_soft_q_loss_sum(
         weight: ``[v/tp, h]`` this rank's vocabulary shard of the output weight
             (ColumnParallelLinear's layout; the tied embedding weight has it too), rows
             ``[r * v/tp, (r + 1) * v/tp)`` on rank r; same dtype as ``hidden``.
-        labels, loss_mask, terminal, next_position, lam, gamma, stop_value_grad,
-            check_labels: as in ``vocab_parallel_soft_q_loss``.
+        labels, loss_mask, terminal, next_position, lam, gamma, stop_value_grad, check_labels,
+            vocab_size: as in ``vocab_parallel_soft_q_loss`` (the weight rows of ids
+            ``>= vocab_size`` are padding: no probability, and a weight gradient of 0).
         chunk_size: tokens per chunk (any size >= 1); the working buffer is
             ``[v/tp, chunk_size]`` fp32, e.g. 128 MiB for 256 tokens at v/tp = 128k.
         tp_group: tensor-parallel group; defaults to Megatron's when initialised, else one rank.
@@ -332,13 +340,13 @@ def fused_output_soft_q_loss_sum(
     _check_per_token_inputs(
         f"hidden {tuple(hidden.shape)}", hidden.shape[:2], hidden.device,
         labels, loss_mask, terminal, next_position, lam, gamma,
-        vocab_size=weight.size(0) * tp_size if check_labels else None,
+        vocab_size=checked_vocab_size(weight.size(0) * tp_size, vocab_size, check_labels),
     )
     grad_enabled = torch.is_grad_enabled()
     loss_sum, *per_token = _FusedOutputSoftQLossSum.apply(
         hidden, weight, labels, loss_mask, terminal, next_position, float(lam), float(gamma),
         stop_value_grad,
         chunk_size, tp_group, grad_enabled and hidden.requires_grad,
-        grad_enabled and weight.requires_grad,
+        grad_enabled and weight.requires_grad, vocab_size,
     )
     return FusedLossSum(loss_sum, SoftQLossOutput(*per_token))

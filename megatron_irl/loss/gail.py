@@ -117,6 +117,7 @@ def gail_policy_loss(
     ref_log_prob: Optional[torch.Tensor] = None,
     mean_baseline: bool = True,
     tp_group: Optional[dist.ProcessGroup] = None,
+    vocab_size: Optional[int] = None,
 ) -> GailPolicyLossOutput:
     """REINFORCE on policy tokens plus MLE on expert tokens, over vocab-parallel logits.
 
@@ -142,6 +143,8 @@ def gail_policy_loss(
             ``kl_weight > 0``.
         mean_baseline: subtract the mean return of the policy tokens.
         tp_group: tensor-parallel group; defaults to Megatron's when initialised.
+        vocab_size: the real vocabulary (padded ids above it get no probability), as in
+            ``vocab_parallel_soft_q_loss``.
 
     Collectives over ``tp_group`` in forward: those of ``vocab_parallel_entropy`` (when
     ``entropy_weight > 0``) and of ``vocab_parallel_soft_q_loss`` (lam = 0: cross entropy).
@@ -155,9 +158,11 @@ def gail_policy_loss(
     _check_policy_inputs(logits, policy_mask, rewards, gamma, kl_weight, ref_log_prob)
     expert, policy = loss_mask > 0, policy_mask > 0
     # Before the cross entropy, which overwrites fp32 logits in place.
-    entropy = vocab_parallel_entropy(logits, tp_group) if entropy_weight > 0 else None  # [b, s]
+    entropy = (vocab_parallel_entropy(logits, tp_group, vocab_size) if entropy_weight > 0
+               else None)  # [b, s]
     out = vocab_parallel_soft_q_loss(
-        logits, labels, loss_mask + policy_mask, terminal, lam=0.0, gamma=1.0, tp_group=tp_group
+        logits, labels, loss_mask + policy_mask, terminal, lam=0.0, gamma=1.0, tp_group=tp_group,
+        vocab_size=vocab_size,
     )
     nll = out.nll  # -log pi on expert and policy tokens
     log_prob = -nll.detach()

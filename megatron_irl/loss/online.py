@@ -110,6 +110,7 @@ def online_soft_q_loss(
     tp_group: Optional[dist.ProcessGroup] = None,
     stop_value_grad: bool = False,
     check_inputs: bool = False,
+    vocab_size: Optional[int] = None,
 ) -> OnlineSoftQLossOutput:
     """Per-token online soft-Q loss over vocab-parallel logits; see the module doc for the maths.
 
@@ -133,6 +134,8 @@ def online_soft_q_loss(
             (the value difference ``u_t`` always differentiates both values).
         check_inputs: also check labels against the vocabulary and that the masks are
             disjoint (device syncs).
+        vocab_size: the real vocabulary (padded ids above it get no probability), as in
+            ``vocab_parallel_soft_q_loss``.
 
     Returns:
         ``OnlineSoftQLossOutput``; the loss is ``expert_loss.sum() / N_E +
@@ -155,6 +158,7 @@ def online_soft_q_loss(
     out = vocab_parallel_soft_q_loss(
         logits, labels, td_mask, terminal, lam=lam, gamma=gamma, next_position=next_position,
         tp_group=tp_group, stop_value_grad=stop_value_grad, check_labels=check_inputs,
+        vocab_size=vocab_size,
     )
     # next state known, [b, s]
     known = td_active_mask(loss_mask + policy_mask, terminal, next_position)

@@ -7,6 +7,9 @@ The logits ``z_t`` are read as soft Q-values. Per position t of a row (PAPER.md,
     delta_t  = z_t[a_t] - gamma * (1 - terminal_t) * V(s_{n_t})       (implicit reward)
     loss_t   = loss_mask_t * (nll_t + lam * delta_t^2)
 
+v runs over the real vocabulary only (``vocab_size``): the rows that pad the vocabulary to
+equal TP shards are no action, so they get -inf logits (probability and gradient 0).
+
 ``n_t = next_position[t]`` is the position of the agent's next state: ``t + 1`` (the default),
 except at the last token of a non-final assistant turn of a chat, where it is the position
 that predicts the next assistant turn's first token: the user's tokens in between are the
@@ -32,7 +35,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_irl.loss.parallel import all_reduce, default_tp_group
+from megatron_irl.loss.parallel import all_reduce, default_tp_group, real_columns, vocab_shard
 
 
 class SoftQLossOutput(NamedTuple):
@@ -135,9 +138,13 @@ def _upstream_grads(grads, like: torch.Tensor) -> SoftQLossOutput:
     return SoftQLossOutput(*(torch.zeros_like(like) if g is None else g.float() for g in grads))
 
 
-def _vocab_range(local_vocab: int, tp_group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
-    rank = dist.get_rank(tp_group) if tp_group is not None else 0
-    return rank * local_vocab, (rank + 1) * local_vocab
+def mask_padded_columns_(logits: torch.Tensor, real_columns: int) -> None:
+    """In place: ``logits`` ``[..., v/tp]`` fp32 get -inf in their columns from
+    ``real_columns`` on, the padded vocabulary rows, which are no token. Every softmax and
+    logsumexp then gives them exactly 0 probability and 0 gradient; the fill touches only the
+    padded columns (no new buffer, no collective)."""
+    if real_columns < logits.size(-1):
+        logits[..., real_columns:] = float("-inf")
 
 
 class _VocabParallelSoftQLoss(torch.autograd.Function):
@@ -145,9 +152,12 @@ class _VocabParallelSoftQLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, loss_mask, terminal, next_position, lam, gamma,
-                stop_value_grad, tp_group):
+                stop_value_grad, tp_group, vocab_size):
         # fp32 logits are used as the working buffer (no copy); bf16/fp16 get one fp32 copy.
         buffer = logits.float()  # [b, s, v/tp]
+        mask_padded_columns_(buffer, real_columns(buffer.size(-1), vocab_size, tp_group))
+        # A shard that is all padding has max -inf; the MAX over ranks is finite (rank 0
+        # always holds real tokens), so z - max below is -inf there, never NaN.
         logits_max = buffer.amax(dim=-1)  # [b, s]
         all_reduce(logits_max, dist.ReduceOp.MAX, tp_group)
 
@@ -155,7 +165,7 @@ class _VocabParallelSoftQLoss(torch.autograd.Function):
         # backward turns into the gradient. No other [b, s, v/tp] tensor is allocated.
         buffer.sub_(logits_max.unsqueeze(-1))
 
-        vocab_start, vocab_end = _vocab_range(buffer.size(-1), tp_group)
+        vocab_start, vocab_end = vocab_shard(buffer.size(-1), tp_group)
         owned = (labels >= vocab_start) & (labels < vocab_end)  # [b, s]
         local_label = torch.where(owned, labels - vocab_start, 0).unsqueeze(-1)  # [b, s, 1]
         # Gather before the exp overwrites the buffer; labels owned by another rank give 0.
@@ -197,11 +207,11 @@ class _VocabParallelSoftQLoss(torch.autograd.Function):
         # In place: the saved softmax buffer becomes the gradient (backward runs once).
         grad_logits = softmax.mul_(coef_value.unsqueeze(-1))  # [b, s, v/tp]
         grad_logits.scatter_add_(-1, local_label, (coef_target * owned).unsqueeze(-1))
-        return grad_logits, None, None, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None, None, None
 
 
 def _check_inputs(logits, labels, loss_mask, terminal, next_position, lam, gamma, tp_size,
-                  check_labels):
+                  check_labels, vocab_size):
     if logits.dim() != 3:
         raise ValueError(f"logits must be [b, s, v/tp], got shape {tuple(logits.shape)}")
     if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -209,8 +219,20 @@ def _check_inputs(logits, labels, loss_mask, terminal, next_position, lam, gamma
     _check_per_token_inputs(
         f"logits {tuple(logits.shape)}", logits.shape[:2], logits.device,
         labels, loss_mask, terminal, next_position, lam, gamma,
-        vocab_size=logits.size(-1) * tp_size if check_labels else None,
+        vocab_size=checked_vocab_size(logits.size(-1) * tp_size, vocab_size, check_labels),
     )
+
+
+def checked_vocab_size(padded_vocab: int, vocab_size: Optional[int],
+                       check_labels: bool) -> Optional[int]:
+    """The bound of the trained-label check (None: no check), after checking that the real
+    ``vocab_size`` fits the ``padded_vocab`` logit columns."""
+    if vocab_size is not None and not 1 <= vocab_size <= padded_vocab:
+        raise ValueError(f"vocab_size {vocab_size} (--vocab-size) must be in [1, "
+                         f"{padded_vocab}], the logits' vocabulary columns over all TP ranks")
+    if not check_labels:
+        return None
+    return padded_vocab if vocab_size is None else vocab_size
 
 
 def _check_per_token_inputs(source, batch_shape, device, labels, loss_mask, terminal,
@@ -278,6 +300,7 @@ def vocab_parallel_soft_q_loss(
     tp_group: Optional[dist.ProcessGroup] = None,
     stop_value_grad: bool = False,
     check_labels: bool = False,
+    vocab_size: Optional[int] = None,
 ) -> SoftQLossOutput:
     """Per-token soft-Q loss over vocab-parallel logits. ``lam = 0`` is exactly cross entropy.
 
@@ -298,6 +321,9 @@ def vocab_parallel_soft_q_loss(
         stop_value_grad: ablation; no gradient through ``V(s_{n_t})`` in the TD term.
         check_labels: also check that trained labels lie in the vocabulary and the
             ``next_position`` rules above (a device sync).
+        vocab_size: the real vocabulary; the logit columns of ids ``>= vocab_size`` (the
+            padding up to ``v``) are no token and get probability 0 (excluded from every
+            softmax and ``V``; their gradient is 0). None: all ``v`` columns are tokens.
 
     Returns:
         ``SoftQLossOutput(loss, nll, delta, value)``, each ``[b, s]`` fp32; the caller reduces
@@ -306,8 +332,9 @@ def vocab_parallel_soft_q_loss(
     Collectives over ``tp_group`` in forward: all-reduce MAX of ``[b, s]`` fp32, all-reduce SUM
     of ``[2, b, s]`` fp32 (target logit and sum of exponentials). None in backward.
 
-    Mutation: fp32 ``logits`` are overwritten with the softmax in forward and with their own
-    gradient in backward (as in Megatron's cross entropy; clone them if you still need them).
+    Mutation: fp32 ``logits`` are overwritten with the softmax (0 in padded columns) in
+    forward and with their own gradient in backward (as in Megatron's cross entropy; clone
+    them if you still need them).
     bf16/fp16 logits are not modified (one fp32 copy is made). Backward may run only once.
     """
     if tp_group is None:
@@ -316,8 +343,8 @@ def vocab_parallel_soft_q_loss(
     if next_position is None:
         next_position = default_next_position(labels)
     _check_inputs(logits, labels, loss_mask, terminal, next_position, lam, gamma, tp_size,
-                  check_labels)
+                  check_labels, vocab_size)
     return SoftQLossOutput(*_VocabParallelSoftQLoss.apply(
         logits, labels, loss_mask, terminal, next_position, float(lam), float(gamma),
-        stop_value_grad, tp_group,
+        stop_value_grad, tp_group, vocab_size,
     ))

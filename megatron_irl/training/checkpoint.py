@@ -318,17 +318,26 @@ def model_architecture(model) -> dict:
         "max_position_embeddings": model.max_sequence_length if learned_positions else None,
         "untie_embeddings_and_output_weights": not model.share_embeddings_and_output_weights,
         "padded_vocab_size": model.vocab_size,
+        # The real vocabulary below the padding (training.model.build_model_chunks).
+        "vocab_size": model.real_vocab_size,
     }
 
 
 def _check_architecture(saved: dict, current: dict, directory: str) -> None:
     """Raise a CheckpointError listing every field where ``saved`` and ``current`` differ."""
-    differing = [name for name in current if saved.get(name) != current[name]]
+    differing = [name for name in current if saved.get(name) != current[name]
+                 and not (name == "vocab_size" and name not in saved)]
+    if "vocab_size" not in saved and (not dist.is_initialized() or dist.get_rank() == 0):
+        log.warning("checkpoint %s does not record its real vocabulary (saved before padded "
+                    "vocabulary rows were masked): taking %d (--vocab-size, else the tokenizer's "
+                    "size). A model with more real rows than tokenizer tokens (e.g. imported "
+                    "from Hugging Face) needs --vocab-size set to its vocab_size to train.",
+                    directory, current["vocab_size"])
     if not differing:
         return
     flags = {f.name: f.metadata["flag"] for f in dataclasses.fields(ModelConfig)}
     flags["padded_vocab_size"] = (
-        "the tokenizer's vocabulary padded to a multiple of "
+        "the real vocabulary (--vocab-size, else the tokenizer's) padded to a multiple of "
         "lcm(--make-vocab-size-divisible-by, --tensor-model-parallel-size)")
     lines = [f"  {name}{f' ({flags[name]})' if name in flags else ''}: checkpoint "
              f"{saved.get(name)!r}, this run {current[name]!r}" for name in differing]

@@ -32,6 +32,7 @@ from megatron_irl.data import (
     load_tokenizer,
 )
 from megatron_irl.data.packed_attention import thd_packed_seq_params
+from megatron_irl.planning import real_vocab_size
 from megatron_irl.training.checkpoint import (
     TrainingState,
     iteration_dir,
@@ -261,7 +262,10 @@ def train(cfg: TrainConfig) -> TrainingState:
     try:
         with TrainingLogger(cfg.logging, cfg.training.train_iters, is_logging_rank()) as log:
             tokenizer, train_batches, eval_batches = _setup_data(cfg, log)
-            trainable = build_trainable(cfg, tokenizer.vocab_size)
+            # Concrete from here on (and in the checkpoints' config): every loss masks the
+            # padding above it, and eval / rewards / export read it back.
+            cfg.model.vocab_size = real_vocab_size(cfg.model, tokenizer.vocab_size)
+            trainable = build_trainable(cfg, cfg.model.vocab_size)
             state = _restore(cfg, trainable, log)
             online = _setup_online(cfg, trainable, tokenizer, train_batches, state, log)
             return _train_loop(cfg, trainable, state, train_batches, eval_batches, log, online)
@@ -302,7 +306,8 @@ def _train_loop(cfg: TrainConfig, trainable: Trainable, state: TrainingState,
     log.begin(state.iteration)
     while state.iteration < cfg.training.train_iters:
         start = time.monotonic()
-        objective = Objective(cfg.irl, state.iteration)  # also evaluates online / gail runs
+        # Also evaluates online / gail runs.
+        objective = Objective(cfg.irl, state.iteration, cfg.model.vocab_size)
         micro_batches = train_batches.batches_for_iteration(state.iteration)
         step_objective, means = objective, metric_means
         if online is not None:

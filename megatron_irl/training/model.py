@@ -237,7 +237,12 @@ def build_model_chunks(cfg: TrainConfig, vocab_size: int, device: torch.device |
     """This rank's model: one GPTModel per virtual pipeline stage (one without interleaving),
     every parameter and buffer on ``device`` (default: ``target_device()``) in the dtype of
     --bf16 / --fp16 (float32 otherwise). ``thd``: attention for THD inputs (``uses_thd``);
-    otherwise for block-causal masks (inference, the local spec)."""
+    otherwise for block-causal masks (inference, the local spec).
+
+    ``vocab_size`` is the real vocabulary (``planning.real_vocab_size``); the embedding and
+    output layer get it padded to equal TP shards. Each chunk records it as
+    ``real_vocab_size`` (the checkpoint stores it with the architecture).
+    """
     device = device or target_device()
     config = transformer_config(cfg)
     spec = layer_spec(cfg, thd)
@@ -265,6 +270,7 @@ def build_model_chunks(cfg: TrainConfig, vocab_size: int, device: torch.device |
             vp_stage=vp,
         ))
         place_model(chunks[-1], device, config.params_dtype)
+        chunks[-1].real_vocab_size = vocab_size
     return chunks
 
 

@@ -39,11 +39,14 @@ class Objective:
     """``soft_q``: nll + lambda * delta^2 (lambda = 0: MLE). ``mle_entropy``: nll - beta * H.
 
     One objective per step: ``lam`` follows the warm-up schedule of step ``iteration``.
+    ``vocab_size``: the real vocabulary (the padded logit columns above it get no
+    probability); None: every column is a token.
     """
 
-    def __init__(self, irl: IRLConfig, iteration: int):
+    def __init__(self, irl: IRLConfig, iteration: int, vocab_size: int | None = None):
         self.irl = irl
         self.lam = lambda_at(irl, iteration)
+        self.vocab_size = vocab_size
 
     def __call__(self, output, batch: dict):
         labels, loss_mask, terminal = batch["labels"], batch["loss_mask"], batch["terminal"]
@@ -54,6 +57,7 @@ class Objective:
             gamma=self.irl.irl_gamma,
             next_position=next_position,
             stop_value_grad=self.irl.irl_stop_value_grad,
+            vocab_size=self.vocab_size,
         )
         if self.irl.fused_output_loss:  # soft_q only (IRLConfig checks)
             # Differentiable only through the sum, which is all the schedule backpropagates.
@@ -63,7 +67,8 @@ class Objective:
             )
         else:
             # Before the soft-Q loss, which overwrites fp32 logits in place.
-            entropy = vocab_parallel_entropy(output) if with_entropy else None  # [b, s]
+            entropy = (vocab_parallel_entropy(output, vocab_size=self.vocab_size)
+                       if with_entropy else None)  # [b, s]
             out = vocab_parallel_soft_q_loss(output, labels, loss_mask, terminal, **options)
             loss_sum = out.loss.sum()
         entropy_sum = (entropy * loss_mask).sum() if with_entropy else torch.zeros(())

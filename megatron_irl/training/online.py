@@ -62,6 +62,7 @@ class OnlineObjective:
 
     def __init__(self, cfg: TrainConfig, lam: float, policy_weight: float):
         self.irl, self.online = cfg.irl, cfg.online
+        self.vocab_size = cfg.model.vocab_size  # the real vocabulary, resolved by train()
         self.lam = lam
         self.policy_weight = policy_weight  # N_E / N_P of the global batch
 
@@ -73,6 +74,7 @@ class OnlineObjective:
             gamma=self.irl.irl_gamma, alpha_mix=self.online.alpha_mix,
             td_over=self.online.td_over, next_position=next_position,
             stop_value_grad=self.irl.irl_stop_value_grad,
+            vocab_size=self.vocab_size,
         )
         loss_sum = out.expert_loss.sum() + self.policy_weight * out.policy_loss.sum()
         expert, policy = loss_mask > 0, policy_mask > 0
@@ -166,6 +168,7 @@ class GailObjective:
     def __init__(self, cfg: TrainConfig, discriminator: DiscriminatorTrainer,
                  expert_tokens: float, policy_tokens: float):
         self.irl, self.gail = cfg.irl, cfg.gail
+        self.vocab_size = cfg.model.vocab_size  # the real vocabulary, resolved by train()
         self.discriminator = discriminator
         self.expert_tokens, self.policy_tokens = expert_tokens, policy_tokens
 
@@ -184,6 +187,7 @@ class GailObjective:
             gamma=self.irl.irl_gamma, mle_weight=gail.mle_weight,
             entropy_weight=gail.entropy_weight, kl_weight=gail.kl_weight,
             ref_log_prob=batch["ref_log_prob"] if gail.kl_weight > 0 else None,
+            vocab_size=self.vocab_size,
         )
         policy_weight = self.expert_tokens / self.policy_tokens
         loss_sum = out.expert_loss.sum() + policy_weight * out.policy_loss.sum()
@@ -244,12 +248,12 @@ class OnlineTraining:
         self.chunk = chunk
         self.reference = None
         if cfg.irl.loss == "gail" and cfg.gail.kl_weight > 0:
-            self.reference = ReferencePolicy(cfg, tokenizer.vocab_size)
+            self.reference = ReferencePolicy(cfg, cfg.model.vocab_size)
         self.sampler = PolicySampler(cfg, model, chunk, tokenizer, dataset, num_microbatches,
                                      self.reference)
         self.discriminator = None
         if cfg.irl.loss == "gail" and parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            self.discriminator = DiscriminatorTrainer(cfg, tokenizer.vocab_size)
+            self.discriminator = DiscriminatorTrainer(cfg, cfg.model.vocab_size)
         self._scalars: dict[str, float] = {}
         self._update_start = 0.0
 

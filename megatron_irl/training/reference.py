@@ -42,29 +42,25 @@ from megatron_irl.training.checkpoint import (
     read_saved_state,
     save_checkpoint,
 )
-from megatron_irl.training.model import build_model_chunks
+from megatron_irl.training.model import build_model_chunks, target_device
 
 REFERENCE_DIRNAME = "gail_reference"
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
-
-
-def _log_probs_of_batch(logits: torch.Tensor, batch: dict):
+def _log_probs_of_batch(logits: torch.Tensor, batch: dict, vocab_size: int):
     """The schedule's loss function: no loss, ``log pi_ref(label)`` on policy positions."""
     out = vocab_parallel_soft_q_loss(logits, batch["labels"], batch["policy_mask"],
-                                     batch["terminal"], lam=0.0, gamma=1.0)
+                                     batch["terminal"], lam=0.0, gamma=1.0,
+                                     vocab_size=vocab_size)
     return (torch.zeros((), device=logits.device), torch.tensor(0, dtype=torch.int),
             {"log_prob": -out.nll.detach()})
 
 
-def _forward_step(data_iterator, model):
+def _forward_step(data_iterator, model, vocab_size: int):
     batch = next(data_iterator)
     mask = block_causal_attention_mask(batch["document_ids"])  # [b, 1, s, s]
     logits = model(batch["tokens"], batch["position_ids"], mask)  # [b, s, v/tp]
-    return logits, partial(_log_probs_of_batch, batch=batch)
+    return logits, partial(_log_probs_of_batch, batch=batch, vocab_size=vocab_size)
 
 
 class ReferencePolicy:
@@ -72,7 +68,7 @@ class ReferencePolicy:
 
     Args:
         cfg: the run's configuration (the model and its parallel layout).
-        vocab_size: the tokenizer's, as for the trained model.
+        vocab_size: the real vocabulary, as for the trained model.
     """
 
     def __init__(self, cfg: TrainConfig, vocab_size: int):
@@ -84,10 +80,10 @@ class ReferencePolicy:
                                    if torch.cuda.is_available() else []):
             [self.chunk] = build_model_chunks(cfg, vocab_size)  # no virtual stages
         tracker.set_states(tracker_states)
-        self.chunk.to(_device())
         self.chunk.requires_grad_(False)
         self.chunk.eval()
         self.config = cfg
+        self.vocab_size = vocab_size
         self._saved_to: set[str] = set()
 
     def copy_from(self, chunk) -> None:
@@ -131,13 +127,14 @@ class ReferencePolicy:
         Collective over the TP and PP groups: the forward-only schedule, then a broadcast of
         ``[R, s]`` fp32 from the last pipeline stage.
         """
-        device = _device()
+        device = target_device()
         fields = ("tokens", "labels", "policy_mask", "terminal", "position_ids", "document_ids")
         micro_batches = [{name: rows[name][start:start + rows_per_micro_batch].to(device)
                           for name in fields}
                          for start in range(0, rows["tokens"].shape[0], rows_per_micro_batch)]
         per_micro_batch = get_forward_backward_func()(
-            forward_step_func=_forward_step, data_iterator=iter(micro_batches),
+            forward_step_func=partial(_forward_step, vocab_size=self.vocab_size),
+            data_iterator=iter(micro_batches),
             model=self.chunk, num_microbatches=len(micro_batches),
             seq_length=rows["tokens"].shape[1], micro_batch_size=rows_per_micro_batch,
             forward_only=True,

@@ -166,7 +166,7 @@ class PolicySampler:
         self.seq_length = cfg.model.seq_length
         self.params = SamplingParams(temperature=online.temperature,
                                      max_new_tokens=online.max_new_tokens)
-        self.generator = Generator(chunk, tokenizer.vocab_size, tokenizer.eos_id,
+        self.generator = Generator(chunk, cfg.model.vocab_size, tokenizer.eos_id,
                                    cfg.model.seq_length,
                                    parallel_state.get_pipeline_model_parallel_group())
         self.reference = reference

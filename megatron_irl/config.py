@@ -311,7 +311,7 @@ class TrainingConfig(_Section):
 
 @dataclass
 class IRLConfig(_Section):
-    """The fine-tuning objective (docs: PAPER.md sections 2 and 4)."""
+    """The fine-tuning objective (docs/method.md sections 2 and 4)."""
 
     loss: Literal["soft_q", "mle_entropy", "online", "gail"] = _opt(
         "soft_q", "--irl-loss",

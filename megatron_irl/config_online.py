@@ -1,5 +1,5 @@
 """Configuration of the losses that sample the policy during training (sections ``online:``
-and ``gail:``): ``--irl-loss online`` (online IQ-Learn, PAPER.md section 3) and
+and ``gail:``): ``--irl-loss online`` (online IQ-Learn, docs/method.md section 3) and
 ``--irl-loss gail`` (the GAIL baseline, section 4). Both draw responses from the model being
 trained (``online`` section); the mixture weights are online IQ-Learn's, the ``gail`` section
 holds the baseline's weights and its discriminator.

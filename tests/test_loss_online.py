@@ -1,5 +1,5 @@
 """online_soft_q_loss: alpha_mix = 0 is the offline loss bit for bit; otherwise it matches
-``online_soft_q_loss_reference`` (float64, PAPER.md's pair form) on one process and at TP = 2.
+``online_soft_q_loss_reference`` (float64, docs/method.md's pair form) on one process and at TP = 2.
 
 Batches mix expert and policy tokens: each trained position of ``make_batch`` is assigned to
 one population at random, so rows hold both and every masking case occurs. Layouts: logits

@@ -1,4 +1,4 @@
-"""Reward extraction (PAPER.md section 5) on a real Megatron-Core model, CPU gloo ranks."""
+"""Reward extraction (docs/method.md section 5) on a real Megatron-Core model, CPU gloo ranks."""
 
 from __future__ import annotations
 

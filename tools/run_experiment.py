@@ -1,4 +1,5 @@
-"""MLE vs IQ-Learn from one pre-trained model: fine-tune, evaluate, compare (PAPER.md section 6).
+"""MLE vs IQ-Learn from one pre-trained model: fine-tune, evaluate, compare (docs/method.md,
+section 6).
 
     python tools/run_experiment.py --config examples/arithmetic/experiment.yaml [--reduced]
 

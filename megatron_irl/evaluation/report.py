@@ -1,4 +1,4 @@
-"""Scoring a decoding setting's samples: task metrics and diversity (PAPER.md section 6).
+"""Scoring a decoding setting's samples: task metrics and diversity (docs/method.md section 6).
 
 A *sample* is one dict per generated response (the lines of ``samples.jsonl``); this
 module groups them by prompt and turns them into the report's numbers. Pure functions.
@@ -39,7 +39,7 @@ def score_setting(samples: list[dict], answer_pattern: str | None = None) -> dic
 
     - exact_match: over samples whose prompt has a gold answer (None when none has);
     - rouge1/rouge2/rougeLsum, bleu, chrf: the samples against their references;
-    - self_bleu: PAPER.md's Self-BLEU averaged over prompts (None with one sample each);
+    - self_bleu: docs/method.md's Self-BLEU averaged over prompts (None with one sample each);
     - distinct: distinct responses / samples per prompt, averaged over prompts;
     - distinct_correct: the number of distinct correct responses per prompt, averaged over
       prompts with a gold answer (None when none has): diversity among valid answers;

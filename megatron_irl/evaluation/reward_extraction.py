@@ -1,4 +1,4 @@
-"""Rewards recovered from a trained model (PAPER.md section 5).
+"""Rewards recovered from a trained model (docs/method.md section 5).
 
     r(s_t, a_t) = Q(s_t, a_t) - gamma * (1 - done_t) * V(s_{t+1})   (= delta_t of the loss)
 

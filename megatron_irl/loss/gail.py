@@ -1,4 +1,5 @@
-"""GAIL baseline losses (PAPER.md, section 4): discriminator, reward, returns, policy gradient.
+"""GAIL baseline losses (docs/method.md, section 4): discriminator, reward, returns, policy
+gradient.
 
 A discriminator ``D(s_t, a_t) = sigmoid(d_t)`` tells expert transitions (dataset responses)
 from policy transitions (responses sampled from the model); ``d_t`` is its logit

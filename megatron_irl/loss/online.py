@@ -1,4 +1,5 @@
-"""Online inverse soft-Q loss: the offline loss plus the policy's own states (PAPER.md, section 3).
+"""Online inverse soft-Q loss: the offline loss plus the policy's own states (docs/method.md,
+section 3).
 
     L = - E_E[Q(s,a) - gamma V(s')] + E_mix[V(s) - gamma V(s')] + lam * E_td[(Q(s,a) - gamma V(s'))^2]
     E_mix = (1 - alpha_mix) E_E + alpha_mix E_P;   E_td = E_E (``td_over="expert"``) or E_mix

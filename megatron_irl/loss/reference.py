@@ -77,9 +77,10 @@ def online_soft_q_loss_reference(
     stop_value_grad: bool = False,
 ) -> OnlineSoftQLossOutput:
     """Same contract as ``online_soft_q_loss`` with the whole vocabulary ``[b, s, v]``, written
-    as PAPER.md states it: ``-(Q - gamma V') + (1 - alpha_mix)(V - gamma V')`` per expert
-    token (which reduces to ``V - Q`` where the next state is unknown), ``alpha_mix (V - gamma
-    V')`` per policy token, and the TD-squared term over the chosen transitions.
+    as docs/method.md section 3 states it: ``-(Q - gamma V') + (1 - alpha_mix)(V - gamma V')``
+    per expert token (which reduces to ``V - Q`` where the next state is unknown),
+    ``alpha_mix (V - gamma V')`` per policy token, and the TD-squared term over the chosen
+    transitions.
     """
     v = logits.size(-1)
     expert, policy = loss_mask > 0, policy_mask > 0

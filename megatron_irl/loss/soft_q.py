@@ -1,6 +1,6 @@
 """Vocab-parallel soft-Q loss: cross entropy plus the inverse-soft-Q TD regulariser.
 
-The logits ``z_t`` are read as soft Q-values. Per position t of a row (PAPER.md, section 2):
+The logits ``z_t`` are read as soft Q-values. Per position t of a row (docs/method.md, section 2):
 
     V(s_t)   = logsumexp_v z_t[v]                                     (value)
     nll_t    = V(s_t) - z_t[a_t]                                      (-log pi(a_t|s_t))
@@ -116,7 +116,7 @@ def _per_token_grad_coefficients(
     ``(coef_value, coef_target)`` such that ``dL/dz_t = coef_value_t * softmax(z_t)
     + coef_target_t * onehot(a_t)``, because ``dV_t/dz_t = softmax(z_t)`` and
     ``dz_t[a_t]/dz_t = onehot(a_t)``. With ``grads.loss = mask / N`` and nothing else this is
-    PAPER.md's closed form.
+    the closed form of docs/method.md section 2.
     """
     trained = (loss_mask > 0).float()
     mle = grads.loss * loss_mask + grads.nll * trained  # d/d nll_t

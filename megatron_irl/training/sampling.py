@@ -26,8 +26,8 @@ A policy row holds one prompt and its response, laid out like a packed row (all 
                    at policy positions, scored when drawn; 0 without a reference
 
 A response cut by the token budget keeps its last token as an input position without a label,
-so its next state, whose value the TD and value terms read, is in the row (PAPER.md section 1:
-truncated, not terminal). Dataset rows get ``policy_mask``, ``sample_log_prob`` and
+so its next state, whose value the TD and value terms read, is in the row (docs/method.md
+section 1: truncated, not terminal). Dataset rows get ``policy_mask``, ``sample_log_prob`` and
 ``ref_log_prob`` of 0.
 """
 

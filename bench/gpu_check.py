@@ -130,7 +130,7 @@ def check_against_reference(tokens: int, vocab: int, lam: float, gamma: float) -
 
     from megatron_irl.loss import soft_q_loss_reference, vocab_parallel_soft_q_loss
 
-    shape = argparse.Namespace(tokens=tokens, vocab=vocab, dtype=torch.bfloat16)
+    shape = argparse.Namespace(tokens=tokens, vocab=vocab, real_vocab=None, dtype=torch.bfloat16)
     logits, labels, loss_mask, terminal = loss_inputs(shape, tp=1, device=_device())
     logits.requires_grad_()
     out = vocab_parallel_soft_q_loss(logits, labels, loss_mask, terminal, lam=lam, gamma=gamma)
@@ -154,7 +154,7 @@ def time_losses(tokens: int, vocab: int, dtype: torch.dtype, repeats: int, lam: 
     timing) and peak allocated bytes above the inputs' (GPU only) of each loss."""
     from bench_loss import loss_inputs, run_loss
 
-    shape = argparse.Namespace(tokens=tokens, vocab=vocab, dtype=dtype)
+    shape = argparse.Namespace(tokens=tokens, vocab=vocab, real_vocab=None, dtype=dtype)
     pristine, labels, loss_mask, terminal = loss_inputs(shape, tp=1, device=_device())
     logits = torch.empty_like(pristine, requires_grad=True)
     names = ("megatron_cross_entropy", "soft_q")

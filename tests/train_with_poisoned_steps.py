@@ -17,8 +17,8 @@ class _PoisonedObjective(loop.Objective):
     steps = frozenset(int(step) for step in os.environ.get("POISONED_STEPS", "").split(",")
                       if step)
 
-    def __init__(self, irl, iteration):
-        super().__init__(irl, iteration)
+    def __init__(self, irl, iteration, *args):
+        super().__init__(irl, iteration, *args)
         self.poisoned = iteration + 1 in self.steps
 
     def __call__(self, output, batch):

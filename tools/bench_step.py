@@ -88,6 +88,7 @@ def synthetic_micro_batches(args) -> list[dict]:
             "labels": torch.roll(tokens, -1, dims=1),
             "loss_mask": (positions % doc >= doc // 4).float(),  # the first quarter is prompt
             "terminal": positions % doc == doc - 1,  # each document's last transition
+            "next_position": positions + 1,  # single-turn documents
             "position_ids": positions % doc,
             "document_ids": positions // doc,
         })

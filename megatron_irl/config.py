@@ -375,6 +375,19 @@ class CheckpointConfig(_Section):
         None, "--keep-last-checkpoints",
         "After each save, delete the checkpoints older than the newest this-many complete "
         "ones (the newest complete one is never deleted); unset: keep all.")
+    dist_ckpt_optim_fully_reshardable: bool = _opt(
+        True, "--dist-ckpt-optim-fully-reshardable",
+        "With --use-distributed-optimizer: save its state in Megatron-Core's fully_reshardable "
+        "format (true: loadable at any TP / PP / DP, but each rank gathers its model-parallel "
+        "shard's fp32 weights and Adam moments in host memory while saving) or dp_reshardable "
+        "(false: each data-parallel rank writes its own shard, 1/DP of that memory, and the "
+        "optimizer state then loads only in the same TP / PP / DP layout). Megatron-LM's "
+        "default is false.")
+    ckpt_fully_parallel_save: bool = _opt(
+        False, "--ckpt-fully-parallel-save",
+        "Spread the writing of tensors replicated over the data-parallel ranks (the weights) "
+        "across those ranks instead of writing them from data-parallel rank 0 "
+        "(Megatron-Core's FullyParallelSaveStrategyWrapper; Megatron-LM's default is on).")
 
     def _validate(self) -> None:
         self._require_at_least(1, "save_interval", "keep_last_checkpoints")

@@ -266,10 +266,18 @@ def _save_lines(cfg: TrainConfig, stages: list[StageMemory], gpus_per_node: int 
         return ["checkpoint  saving copies tensors to the host one at a time as it writes them"]
     node = (f", {_gib(per_gpu * gpus_per_node)} GiB per node of {gpus_per_node} GPUs"
             if gpus_per_node else "")
-    return [f"checkpoint  saving gathers each rank's fp32 main weights and Adam moments in host "
-            f"memory (the distributed optimizer's fully reshardable format), all ranks at once: "
-            f"{_gib(per_gpu)} GiB per GPU{node}; ask Slurm for that much (sbatch --mem) on "
-            "top of the data loaders' and the model's own"]
+    if cfg.checkpoint.dist_ckpt_optim_fully_reshardable:
+        what = ("gathers each rank's fp32 main weights and Adam moments in host memory (the "
+                "distributed optimizer's fully_reshardable format; "
+                "--dist-ckpt-optim-fully-reshardable false writes 1/DP of it, loadable only in "
+                "the same layout)")
+    else:
+        what = ("stages each rank's own shard of the fp32 main weights and Adam moments in host "
+                "memory (the distributed optimizer's dp_reshardable format: loadable only in "
+                "the same TP / PP / DP layout)")
+    return [f"checkpoint  saving {what}, all ranks at once: {_gib(per_gpu)} GiB per GPU{node}; "
+            "ask Slurm for that much (sbatch --mem) on top of the data loaders' and the "
+            "model's own"]
 
 
 def format_plan(request: PlanRequest, config_label: str) -> tuple[str, bool]:

@@ -32,10 +32,12 @@ Memory per GPU, in bytes, is the sum of these terms (the trainer's choices, ``tr
   buffer and the fp32 gradient of the ``[V/TP, h]`` output weight instead.
 
 Host memory of a checkpoint save (``save_host``): with ``--use-distributed-optimizer`` the
-checkpoint's optimizer format (``fully_reshardable``, loadable at any TP / PP / DP) gathers
-the fp32 main weights and Adam moments of the rank's model-parallel shard, i.e. its
-unsharded optimizer state, in host memory on every rank at once; without it the tensors are
-copied to the host one at a time as they are written (counted as 0).
+checkpoint's default optimizer format (``fully_reshardable``, loadable at any TP / PP / DP)
+gathers the fp32 main weights and Adam moments of the rank's model-parallel shard, i.e. its
+unsharded optimizer state, in host memory on every rank at once; the ``dp_reshardable``
+format (``--dist-ckpt-optim-fully-reshardable false``) stages only the rank's own shard of
+them (1/DP). Without the distributed optimizer the tensors are copied to the host one at a
+time as they are written (counted as 0).
 
 Not counted: the CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation and
 transient buffers of backward other than those above; ``plan`` keeps a margin for them.
@@ -357,6 +359,16 @@ class StageMemory:
                 + self.activations + self.logits_and_loss + self.kl_reference)
 
 
+def _save_host_bytes(cfg: TrainConfig, optimizer: int, data_parallel: int) -> int:
+    """Host memory a checkpoint save takes on one rank, given the stage's unsharded
+    optimizer state (``save_host`` in the module docstring)."""
+    if not cfg.parallel.use_distributed_optimizer:
+        return 0
+    if cfg.checkpoint.dist_ckpt_optim_fully_reshardable:
+        return optimizer
+    return -(-optimizer // data_parallel)
+
+
 def has_kl_reference(cfg: TrainConfig) -> bool:
     """Whether the run keeps GAIL's frozen reference model (``training/reference.py``)."""
     return cfg.irl.loss == "gail" and cfg.gail.kl_weight > 0
@@ -398,7 +410,7 @@ def estimate_memory(cfg: TrainConfig, padded_vocab: int, data_parallel: int) -> 
             optimizer_sharded=-(-optimizer // data_parallel), optimizer_replicated=optimizer,
             fp8_weight_cache=fp8_cache, activations=activations, logits_and_loss=logits,
             in_flight=in_flight,
-            save_host=optimizer if p.use_distributed_optimizer else 0,
+            save_host=_save_host_bytes(cfg, optimizer, data_parallel),
             # The reference is built like the trained model: the same weights' bytes.
             kl_reference=weights if has_kl_reference(cfg) else 0))
     return stages

@@ -159,10 +159,11 @@ def test_fused_output_model_refuses_postprocess_arguments_it_cannot_honour(argum
 
 # --- the planner follows the FP8 choices ------------------------------------------------------
 
-def _stage0(**training):
+def _stage0(checkpoint=None, **training):
     from megatron_irl.planning import estimate_memory
 
     cfg = TrainConfig.from_dict({
+        "checkpoint": checkpoint or {},
         "model": {"num_layers": 4, "hidden_size": 1024, "num_attention_heads": 8, "swiglu": True,
                   "transformer_impl": "transformer_engine"},
         "parallel": {"use_distributed_optimizer": True},
@@ -193,6 +194,13 @@ def test_plan_counts_the_host_memory_of_a_distributed_optimizer_save():
     stage = _stage0()  # --use-distributed-optimizer, bf16
     assert stage.save_host == stage.parameters * 12  # fp32 main weights + two Adam moments
     assert stage.save_host == stage.optimizer_replicated  # the whole state, not its DP shard
+
+
+def test_plan_counts_one_data_parallel_shard_for_a_dp_reshardable_save():
+    fully = _stage0()
+    dp_shards = _stage0(checkpoint={"dist_ckpt_optim_fully_reshardable": False})
+    assert dp_shards.save_host == dp_shards.optimizer_sharded  # this rank's shard only
+    assert dp_shards.save_host * 8 == fully.save_host  # DP = 8
 
 
 def test_plan_prints_the_host_memory_of_a_save_per_node(capsys, monkeypatch):

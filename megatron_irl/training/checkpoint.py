@@ -28,7 +28,11 @@ What one checkpoint holds (a single dist_checkpointing state dict):
 * ``optimizer``: ``optimizer.sharded_state_dict(model state)`` (Adam moments keyed like
   their parameters, hence reshardable as well; param groups and step go to common.pt).
   Absent when saved before the first optimizer step (there are no moments yet); loading
-  such a checkpoint leaves the optimizer as built.
+  such a checkpoint leaves the optimizer as built. The distributed optimizer's format is
+  Megatron-Core's ``fully_reshardable`` (the default) or, with
+  ``--dist-ckpt-optim-fully-reshardable false``, ``dp_reshardable``: each data-parallel rank
+  writes its own shards of the optimizer's buffers, which load only in the same TP / PP / DP
+  layout; training_state.json records which (``optimizer_format``).
 * ``opt_param_scheduler``: ``OptimizerParamScheduler.state_dict()`` (common.pt).
 * ``rng_state.*``: every rank's random states (Python, NumPy, torch CPU, CUDA when
   present, Megatron's RNG tracker), each a 1-D tensor sharded over a [pp, tp, dp*cp, n]
@@ -50,8 +54,9 @@ rather than as ``ShardedObject`` (which torch_dist unpickles with
 bytes, but common.pt is read with ``torch.load``'s default ``weights_only=True``
 unpickler, the ``.metadata`` tensor index with plain ``pickle`` (PyTorch Distributed
 Checkpoint's format), and the layers' ``_extra_state`` entries (None for the local spec,
-FP8 metadata for Transformer Engine layers) are ShardedObjects. Load checkpoints only
-from directories you trust.
+FP8 metadata for Transformer Engine layers) are ShardedObjects, as are the distributed
+optimizer's param groups and bucket sizes in the ``dp_reshardable`` format. Load
+checkpoints only from directories you trust.
 
 :func:`save_checkpoint` and :func:`load_checkpoint` are collective over the default
 (world) process group: all ranks call them with the same arguments. The directory must be
@@ -75,6 +80,10 @@ import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+    FullyParallelSaveStrategyWrapper,
+)
 from megatron.core.optimizer import DistributedOptimizer
 from megatron.core.utils import unwrap_model
 
@@ -101,13 +110,13 @@ log = logging.getLogger(__name__)
 CONFIG_FILENAME = "config.yaml"
 FORMAT_VERSION = 1
 _RNG_PREFIX = "rng_state."
-# Passed to the optimizer's sharded_state_dict (as Megatron-LM does): the distributed
-# optimizer then stores one canonical tensor per parameter and state, loadable at any
+# The distributed optimizer's checkpoint formats (megatron-core's
+# ``distrib_optim_sharding_type``; its default in 0.16 cannot be saved at all):
+# "fully_reshardable" stores one canonical tensor per parameter and state, loadable at any
 # TP / PP / DP (gathered on data-parallel rank 0 while saving), and no pickled objects;
-# its default format in megatron-core 0.16 cannot be saved at all. Other optimizers
-# ignore it.
-_OPTIMIZER_STATE_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
-                             "chained_optim_avoid_prefix": True}
+# "dp_reshardable" stores each rank's buffer shard as it is, in the same TP / PP / DP
+# layout only. Other optimizers ignore the format.
+FULLY_RESHARDABLE, DP_RESHARDABLE = "fully_reshardable", "dp_reshardable"
 
 
 @dataclass
@@ -142,7 +151,8 @@ def read_saved_state(load_dir: str, ckpt_step: int | None = None) -> dict:
 
 def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, optimizer,
                     scheduler, write_extra: Callable[[str], None] | None = None,
-                    keep_last: int | None = None) -> str:
+                    keep_last: int | None = None, *, optimizer_fully_reshardable: bool = True,
+                    fully_parallel: bool = False) -> str:
     """Save model, optimizer, scheduler, RNG and ``state`` as ``<save_dir>/iter_<n>``.
 
     Args:
@@ -158,17 +168,25 @@ def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, opt
         keep_last: once the marker names the new checkpoint, delete the checkpoints older
             than the ``keep_last`` newest usable ones (``--keep-last-checkpoints``); None
             keeps all.
+        optimizer_fully_reshardable: the distributed optimizer's format,
+            ``fully_reshardable`` or (False) ``dp_reshardable``
+            (``--dist-ckpt-optim-fully-reshardable``).
+        fully_parallel: spread the writing of tensors replicated over the data-parallel
+            ranks across them (``--ckpt-fully-parallel-save``).
 
     Returns:
         The iteration directory. If the marker already names this iteration (a complete
         checkpoint of it exists) nothing is written and that directory is returned.
 
-    Collective over the world group (broadcasts, a barrier and dist_checkpointing's own).
-    Writes only under ``save_dir``; mutates nothing else. Rank 0 writes the JSON/YAML
+    Collective over the world group (broadcasts, a barrier and dist_checkpointing's own;
+    with ``fully_parallel`` also gathers of the shards' metadata over the data-parallel
+    group). Writes only under ``save_dir``; mutates nothing else. Rank 0 writes the JSON/YAML
     files and then the marker, after every rank's shards are on disk.
     """
     directory = iteration_dir(save_dir, state.iteration)
     has_optimizer_state = optimizer is not None and _has_optimizer_state(optimizer)
+    optimizer_format = (DP_RESHARDABLE if has_optimizer_state and not optimizer_fully_reshardable
+                        and _uses_distributed_optimizer(optimizer) else FULLY_RESHARDABLE)
     # Serialised up front so that a config that is not JSON-able fails on every rank
     # before anything is written. The YAML takes the JSON form (tuples become lists).
     state_json = json.dumps({
@@ -178,6 +196,7 @@ def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, opt
         "parallel_layout": _parallel_layout(),
         "model_chunks": len(model_chunks),
         "has_optimizer_state": has_optimizer_state,
+        "optimizer_format": optimizer_format,
     }, indent=2)
     config_yaml = yaml.safe_dump(json.loads(state_json)["config"], sort_keys=False)
 
@@ -191,8 +210,13 @@ def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, opt
         sharded_state["opt_param_scheduler"] = scheduler.state_dict()
     if has_optimizer_state:
         sharded_state["optimizer"] = optimizer.sharded_state_dict(
-            model_state, metadata=dict(_OPTIMIZER_STATE_METADATA))
-    dist_checkpointing.save(sharded_state, directory)
+            model_state, metadata=_optimizer_metadata(optimizer_format))
+    strategy = None
+    if fully_parallel:
+        strategy = FullyParallelSaveStrategyWrapper(
+            get_default_save_sharded_strategy(),
+            parallel_state.get_data_parallel_group(with_context_parallel=True))
+    dist_checkpointing.save(sharded_state, directory, sharded_strategy=strategy)
     if write_extra is not None:
         write_extra(directory)
     dist.barrier()  # every rank's shards are written: only now may the marker move
@@ -240,8 +264,8 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, scheduler
             model architecture differs from ``model_chunks[0]`` (names the fields), one
             that lacks a weight or other entry the run needs (extra state that the other
             layer spec does not save is initialised instead: ``extra_state.py``), or
-            optimizer state that megatron-core cannot load into ``optimizer`` (the
-            distributed optimizer on torch Adam).
+            optimizer state that cannot load into ``optimizer``: saved ``dp_reshardable``
+            in another TP / PP / DP layout, or the distributed optimizer on torch Adam.
 
     Collective over the world group. Mutates the model chunks, optimizer, scheduler and
     the process's RNG states.
@@ -257,9 +281,13 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, scheduler
     sharded_state = dict(model_state)
     load_optimizer_state = load_optimizer and optimizer is not None and saved["has_optimizer_state"]
     if load_optimizer_state:
+        # Checkpoints that predate the choice were saved fully reshardable.
+        optimizer_format = saved.get("optimizer_format", FULLY_RESHARDABLE)
+        if optimizer_format == DP_RESHARDABLE:
+            _check_same_layout_for_dp_reshardable(saved["parallel_layout"], directory)
         _check_optimizer_state_loadable(optimizer)
         sharded_state["optimizer"] = optimizer.sharded_state_dict(
-            model_state, is_loading=True, metadata=dict(_OPTIMIZER_STATE_METADATA))
+            model_state, is_loading=True, metadata=_optimizer_metadata(optimizer_format))
     restore_rng = load_rng and _same_layout_for_rng(saved["parallel_layout"])
     if restore_rng:
         sharded_state.update(_rng_sharded_state_dict())
@@ -364,6 +392,33 @@ def _has_optimizer_state(optimizer) -> bool:
     first step, and Megatron's ``sharded_state_dict`` cannot load a checkpoint without."""
     optimizers = getattr(optimizer, "chained_optimizers", [optimizer])
     return any(len(megatron_optimizer.optimizer.state) > 0 for megatron_optimizer in optimizers)
+
+
+def _uses_distributed_optimizer(optimizer) -> bool:
+    return any(isinstance(megatron_optimizer, DistributedOptimizer)
+               for megatron_optimizer in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _optimizer_metadata(optimizer_format: str) -> dict:
+    """The ``metadata`` of ``optimizer.sharded_state_dict`` (as Megatron-LM passes it)."""
+    return {"distrib_optim_sharding_type": optimizer_format, "chained_optim_avoid_prefix": True}
+
+
+def _check_same_layout_for_dp_reshardable(saved_layout: dict, directory: str) -> None:
+    """Raise a CheckpointError when a ``dp_reshardable`` optimizer state was saved in
+    another layout: it holds each rank's buffer shards as laid out at the save (megatron-core
+    documents no TP / PP resharding of it, and this project checks none at another DP)."""
+    current = _parallel_layout()
+    if saved_layout == current:
+        return
+    differing = ", ".join(f"{name} {saved_layout.get(name)} (this run {value})"
+                          for name, value in current.items() if saved_layout.get(name) != value)
+    raise CheckpointError(
+        f"checkpoint {directory} holds the distributed optimizer's state in the dp_reshardable "
+        f"format (saved with --dist-ckpt-optim-fully-reshardable false), which loads only in "
+        f"the layout it was saved in: saved with {differing}; resume in that layout, or load "
+        f"the weights only with --no-load-optim (the Adam moments start afresh). Save with "
+        f"--dist-ckpt-optim-fully-reshardable true to change layouts.")
 
 
 def _check_optimizer_state_loadable(optimizer) -> None:

@@ -358,6 +358,8 @@ def _save(cfg: TrainConfig, trainable: Trainable, state: TrainingState, log,
             f"them (the latest checkpoint stays as it was); resume from it with a lower --lr")
     save_checkpoint(cfg.checkpoint.save, state, trainable.chunks, trainable.optimizer,
                     trainable.scheduler, write_extra=online.save if online else None,
-                    keep_last=cfg.checkpoint.keep_last_checkpoints)
+                    keep_last=cfg.checkpoint.keep_last_checkpoints,
+                    optimizer_fully_reshardable=cfg.checkpoint.dist_ckpt_optim_fully_reshardable,
+                    fully_parallel=cfg.checkpoint.ckpt_fully_parallel_save)
     log.info(f"saved checkpoint at iteration {state.iteration} to {cfg.checkpoint.save}")
     return state.iteration

@@ -387,7 +387,8 @@ class CheckpointConfig(_Section):
         False, "--ckpt-fully-parallel-save",
         "Spread the writing of tensors replicated over the data-parallel ranks (the weights) "
         "across those ranks instead of writing them from data-parallel rank 0 "
-        "(Megatron-Core's FullyParallelSaveStrategyWrapper; Megatron-LM's default is on).")
+        "(Megatron-Core's FullyParallelSaveStrategyWrapper; on by default in Megatron-LM, "
+        "where --no-ckpt-fully-parallel-save turns it off).")
 
     def _validate(self) -> None:
         self._require_at_least(1, "save_interval", "keep_last_checkpoints")

@@ -215,6 +215,22 @@ def test_plan_prints_the_host_memory_of_a_save_per_node(capsys, monkeypatch):
     assert per_node == pytest.approx(8 * per_gpu, abs=0.05) and per_gpu > 40  # 8B at TP 2 (rounded)
 
 
+def test_plan_prints_a_quarter_of_the_save_memory_for_dp_reshardable_at_dp4(capsys, monkeypatch):
+    from megatron_irl import plan
+
+    monkeypatch.chdir(REPO)
+    per_gpu = {}
+    for fully_reshardable in ("true", "false"):
+        assert plan.main(["--config", "examples/recipes/llama3-8b.yaml", "--nodes", "1",
+                          "--gpus-per-node", "8", "--vocab-size", "128256",
+                          "--dist-ckpt-optim-fully-reshardable", fully_reshardable]) == 0
+        line = next(line for line in capsys.readouterr().out.splitlines()
+                    if line.startswith("checkpoint"))
+        per_gpu[fully_reshardable] = float(re.search(r"([\d.]+) GiB per GPU", line).group(1))
+    # 8 GPUs at TP 2: DP 4.
+    assert per_gpu["false"] == pytest.approx(per_gpu["true"] / 4, abs=0.01)
+
+
 def test_distributed_timeout_reaches_the_process_group(monkeypatch):
     from megatron_irl.training import distributed
 

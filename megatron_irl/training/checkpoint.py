@@ -407,7 +407,7 @@ def _optimizer_metadata(optimizer_format: str) -> dict:
 def _check_same_layout_for_dp_reshardable(saved_layout: dict, directory: str) -> None:
     """Raise a CheckpointError when a ``dp_reshardable`` optimizer state was saved in
     another layout: it holds each rank's buffer shards as laid out at the save (megatron-core
-    documents no TP / PP resharding of it, and this project checks none at another DP)."""
+    documents no TP / PP resharding of it, and this project tests none at another DP)."""
     current = _parallel_layout()
     if saved_layout == current:
         return

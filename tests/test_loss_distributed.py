@@ -16,7 +16,7 @@ import torch
 
 from megatron_irl import vocab_parallel_soft_q_loss
 from megatron_irl.testing import run_distributed
-from test_loss import (
+from helpers import (
     FP32_RTOL,
     GRAD_RTOL,
     LAM_GAMMA,

@@ -119,3 +119,15 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
 def test_a_module_outside_every_layer_is_reported():
     with pytest.raises(AssertionError, match="in no layer"):
         _place("megatron_irl.nonexistent")
+
+
+def test_tests_share_helpers_through_tests_helpers_not_through_each_other():
+    tests = Path(__file__).resolve().parent
+    modules = {path.stem for path in tests.glob("test_*.py")}
+    importing = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module] if isinstance(node, ast.ImportFrom) else [])
+            importing += [f"{path.name} imports {name}" for name in names if name in modules]
+    assert importing == []

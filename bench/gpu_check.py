@@ -88,7 +88,7 @@ def scaled_error(actual, expected, scale=0.0) -> float:
 def part_env(args) -> dict:
     import megatron.core
 
-    from megatron_irl.platform import transformer_engine_problem
+    from megatron_irl.cpu_support import transformer_engine_problem
 
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "cuda": torch.version.cuda, "megatron_core": megatron.core.__version__,
@@ -190,7 +190,7 @@ def time_losses(tokens: int, vocab: int, dtype: torch.dtype, repeats: int, lam: 
 
 def part_loss(args) -> dict:
     from megatron_irl.config import ParallelConfig
-    from megatron_irl.training.distributed import init_distributed, shutdown_distributed
+    from megatron_irl.core.distributed import init_distributed, shutdown_distributed
 
     sizes = LOSS_SIZES[args.smoke]
     init_distributed(ParallelConfig(), seed=1234)  # Megatron's cross entropy needs its groups
@@ -215,7 +215,7 @@ def model_flops_per_token(step_args, matmul_parameters: int) -> float:
 def part_train(args, precision: str) -> dict:
     from bench_step import build_parser, measure
 
-    from megatron_irl.platform import transformer_engine_problem
+    from megatron_irl.cpu_support import transformer_engine_problem
 
     flags = list(MODEL_FLAGS[args.smoke]) + ["--bf16"]
     if precision == "fp8":

@@ -43,7 +43,7 @@ def _config(smoke: bool, **model):
 
 def _packed_batch(seq_length: int, rows: int = 2):
     """tokens, position_ids, document_ids [rows, s] on the target device."""
-    from megatron_irl.training.model import target_device
+    from megatron_irl.cpu_support import current_device
 
     document_ids = torch.full((rows, seq_length), -1, dtype=torch.long)
     position_ids = torch.zeros_like(document_ids)
@@ -55,7 +55,7 @@ def _packed_batch(seq_length: int, rows: int = 2):
         offset += length
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, VOCAB, (rows, seq_length), generator=generator)
-    device = target_device()
+    device = current_device()
     return tokens.to(device), position_ids.to(device), document_ids.to(device)
 
 
@@ -78,9 +78,9 @@ def _relative_difference(a, b, where) -> float:
 
 
 def _misplaced(chunks) -> list[str]:
-    from megatron_irl.training.model import target_device
+    from megatron_irl.cpu_support import current_device
 
-    device = target_device()
+    device = current_device()
     return [f"{name}: {tensor.device} {tensor.dtype}" for chunk in chunks
             for name, tensor in [*chunk.named_parameters(), *chunk.named_buffers()]
             if tensor.device != device
@@ -88,8 +88,8 @@ def _misplaced(chunks) -> list[str]:
 
 
 def check_placement(smoke: bool, directory: str) -> dict:
+    from megatron_irl.core.checkpoint import TrainingState, save_checkpoint
     from megatron_irl.evaluation.loading import load_inference_model
-    from megatron_irl.training.checkpoint import TrainingState, save_checkpoint
     from megatron_irl.training.loop import build_trainable
 
     cfg = _config(smoke, transformer_impl="local")
@@ -106,7 +106,7 @@ def check_placement(smoke: bool, directory: str) -> dict:
 
 
 def check_fusions(smoke: bool) -> dict:
-    from megatron_irl.training.model import transformer_config
+    from megatron_irl.core.model import transformer_config
 
     names = ("masked_softmax_fusion", "bias_activation_fusion", "gradient_accumulation_fusion")
     return {impl: {name: getattr(transformer_config(_config(smoke, transformer_impl=impl)), name)
@@ -115,8 +115,8 @@ def check_fusions(smoke: bool) -> dict:
 
 
 def check_checkpoints(smoke: bool, directory: str) -> dict:
-    from megatron_irl.training.checkpoint import TrainingState, load_checkpoint, save_checkpoint
-    from megatron_irl.training.model import build_model_chunks
+    from megatron_irl.core.checkpoint import TrainingState, load_checkpoint, save_checkpoint
+    from megatron_irl.core.model import build_model_chunks
 
     results = {}
     for source, target in (("local", "transformer_engine"), ("transformer_engine", "local")):
@@ -138,7 +138,7 @@ def check_checkpoints(smoke: bool, directory: str) -> dict:
 
 
 def check_thd(smoke: bool) -> dict:
-    from megatron_irl.training.model import build_model_chunks, uses_thd
+    from megatron_irl.core.model import build_model_chunks, uses_thd
 
     cfg = _config(smoke, transformer_impl="transformer_engine")
     torch.manual_seed(3)
@@ -154,8 +154,8 @@ def check_thd(smoke: bool) -> dict:
 
 
 def check_fp8_recipes(smoke: bool) -> dict:
-    from megatron_irl.platform import transformer_engine_problem
-    from megatron_irl.training.model import build_model_chunks
+    from megatron_irl.core.model import build_model_chunks
+    from megatron_irl.cpu_support import transformer_engine_problem
 
     results = {}
     for recipe in ("delayed", "tensorwise", "blockwise", "mxfp8"):
@@ -173,8 +173,8 @@ def check_fp8_recipes(smoke: bool) -> dict:
 
 def part_gpu_path(args) -> dict:
     from megatron_irl.config import ParallelConfig
-    from megatron_irl.platform import transformer_engine_problem
-    from megatron_irl.training.distributed import init_distributed, shutdown_distributed
+    from megatron_irl.core.distributed import init_distributed, shutdown_distributed
+    from megatron_irl.cpu_support import transformer_engine_problem
 
     te_problem = transformer_engine_problem()
     init_distributed(ParallelConfig(), seed=1234)

@@ -509,7 +509,7 @@ class TrainConfig:
             path = getattr(d, name)
             if path is not None and not os.path.exists(path):
                 raise ConfigError(f"{d.flag(name)} {path}: no such file or directory")
-        from megatron_irl.platform import transformer_engine_problem  # imports torch
+        from megatron_irl.cpu_support import transformer_engine_problem  # imports torch
 
         if t.fp8_format is not None:
             problem = transformer_engine_problem(fp8_recipe=t.fp8_recipe)

@@ -35,8 +35,8 @@ def _settings(options: EvalOptions):
 
 def _generate(session, generator, prompts, decoding, options: EvalOptions, progress) -> list[dict]:
     """This replica's samples of one setting, as ``samples.jsonl`` records."""
-    from megatron_irl.evaluation.generation import SamplingParams
     from megatron_irl.evaluation.metrics import extract_answer
+    from megatron_irl.inference.generation import SamplingParams
 
     per_prompt = options.samples if decoding.temperature not in (None, 0) else 1
     rows = [(index, k) for index, _ in session.shard(prompts) for k in range(per_prompt)]
@@ -98,10 +98,10 @@ def _write_outputs(options: EvalOptions, session, settings: list[dict], samples:
 
 
 def evaluate(options: EvalOptions) -> None:
-    from megatron_irl.evaluation.generation import Generator
     from megatron_irl.evaluation.inputs import read_eval_prompts, response_budget
     from megatron_irl.evaluation.report import score_setting
     from megatron_irl.evaluation.session import inference_session
+    from megatron_irl.inference.generation import Generator
     from tqdm import tqdm
 
     def read_inputs(tokenizer):

@@ -36,6 +36,7 @@ from megatron_irl.arguments import (
     world_size_from_env,
 )
 from megatron_irl.config import ConfigError, TrainConfig
+from megatron_irl.core.vocabulary import padded_vocab_size, real_vocab_size
 from megatron_irl.planning import GIB, StageMemory
 
 PROG = "megatron-irl plan"
@@ -122,7 +123,7 @@ def resolve_vocab_size(cfg: TrainConfig, requested: int | None) -> tuple[int, st
         from_tokenizer = load_tokenizer(path).vocab_size
     except DataError as error:
         raise ConfigError(f"--tokenizer-model {path}: {error}") from error
-    vocab = planning.real_vocab_size(cfg.model, from_tokenizer)  # as training resolves it
+    vocab = real_vocab_size(cfg.model, from_tokenizer)  # as training resolves it
     if requested is None:
         return vocab, f"--tokenizer-model {path}", []
     notes = [] if requested == from_tokenizer else [
@@ -288,7 +289,7 @@ def format_plan(request: PlanRequest, config_label: str) -> tuple[str, bool]:
     planning.check_layout(cfg, vocab)
     m, p, t = cfg.model, cfg.parallel, cfg.training
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    padded = planning.padded_vocab_size(vocab, m.make_vocab_size_divisible_by, tp)
+    padded = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, tp)
     stages = planning.estimate_memory(cfg, padded, dp)
     gpu_bytes = int(request.gpu_memory_gib * GIB)
     microbatches = t.global_batch_size // (t.micro_batch_size * dp)

@@ -45,11 +45,11 @@ transient buffers of backward other than those above; ``plan`` keeps a margin fo
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from megatron_irl.config import ConfigError, ModelConfig, TrainConfig
 from megatron_irl.config_online import SAMPLING_LOSSES
+from megatron_irl.core.vocabulary import padded_vocab_size
 
 GIB = 1024 ** 3
 _FP32 = 4
@@ -60,38 +60,8 @@ _MXFP8_BLOCK = 32  # values per 1-byte shared exponent (E8M0) of an MXFP8 tensor
 
 def _dtype_bytes(cfg: TrainConfig) -> int:
     """Bytes of a parameter and of an activation: 2 with --bf16 or --fp16, else 4
-    (``training.model.half_precision_dtype``)."""
+    (``core.model.half_precision_dtype``)."""
     return 2 if cfg.training.bf16 or cfg.training.fp16 else _FP32
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
-    """The vocabulary padded to a multiple of ``lcm(divisible_by, tp)``: equal TP shards.
-
-    Megatron-LM pads to ``divisible_by * tp``, so its padded size, and with it every
-    checkpoint, depends on the TP size. With the lcm, any TP that divides ``divisible_by``
-    (TP 1, 2, 4, 8 with the default 128) gives the same padded size, and checkpoints move
-    between those layouts.
-    """
-    multiple = math.lcm(divisible_by, tp_size)
-    return -(-vocab_size // multiple) * multiple
-
-
-def real_vocab_size(model: ModelConfig, tokenizer_vocab: int) -> int:
-    """The real vocabulary: ``--vocab-size``, else the tokenizer's ``tokenizer_vocab`` tokens.
-
-    Token ids below it are the model's actions; the rows that pad it to equal TP shards
-    (``padded_vocab_size``) get no probability in any loss, value, metric or sample. An
-    imported model's is its embedding rows, which may exceed the tokenizer's size (Qwen2).
-    Raises ConfigError when ``--vocab-size`` leaves some of the tokenizer's ids out.
-    """
-    if model.vocab_size is None:
-        return tokenizer_vocab
-    if model.vocab_size < tokenizer_vocab:
-        raise ConfigError(
-            f"{model.flag('vocab_size')} {model.vocab_size} is smaller than the tokenizer's "
-            f"{tokenizer_vocab} tokens (--tokenizer-model): its ids would have no probability; "
-            f"set {model.flag('vocab_size')} >= {tokenizer_vocab} or leave it unset")
-    return model.vocab_size
 
 
 def check_layout(cfg: TrainConfig, vocab_size: int) -> None:
@@ -215,7 +185,7 @@ def fp8_weight_cache_bytes(recipe: str, linear_weights: int) -> int:
 def packs_as_thd(cfg: TrainConfig) -> bool:
     """Whether training gives attention its packed rows as THD sequences (flash / cuDNN
     attention, no ``[s, s]`` scores) rather than a block-causal mask: with Transformer
-    Engine, for the losses that do not sample (``training.model.uses_thd``)."""
+    Engine, for the losses that do not sample (``core.model.uses_thd``)."""
     return assumes_transformer_engine(cfg) and cfg.irl.loss not in SAMPLING_LOSSES
 
 

@@ -3,7 +3,7 @@
 :func:`run_distributed` calls a module-level function on every rank of a CPU gloo
 world and returns each rank's return value. It is meant for tests: real Megatron-Core
 code on CPU, with the CUDA-only call sites redirected by
-:func:`megatron_irl.platform.enable_cpu_support`.
+:func:`megatron_irl.cpu_support.enable_cpu_support`.
 
 Worker pools
 ------------
@@ -174,7 +174,7 @@ class _Pool:
         context = multiprocessing.get_context("forkserver")
         # The fork server imports these once; every worker forked from it skips the
         # seconds-long import (a no-op if the fork server is already running).
-        context.set_forkserver_preload(["megatron_irl.platform", "megatron.core"])
+        context.set_forkserver_preload(["megatron_irl.cpu_support", "megatron.core"])
         self._conns = []
         self._procs = []
         for rank in range(world_size):
@@ -372,7 +372,7 @@ def _join_world(rank: int, world_size: int, store_port: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from megatron_irl.platform import enable_cpu_support
+    from megatron_irl.cpu_support import enable_cpu_support
 
     torch.set_num_threads(1)
     # All ranks are local: gloo on loopback needs no resolvable host name.

@@ -24,9 +24,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"megatron-irl train: error: {error}", file=sys.stderr)
         return 2
     # Imports Megatron-Core: only after the configuration is known to be valid.
+    from megatron_irl.core.checkpoint import CheckpointError
+    from megatron_irl.core.distributed import DeviceError
     from megatron_irl.data import DataError
-    from megatron_irl.training.checkpoint import CheckpointError
-    from megatron_irl.training.distributed import DeviceError
     from megatron_irl.training.loop import train
     from megatron_irl.training.nonfinite import NonFiniteTrainingError
 

@@ -19,7 +19,7 @@ def _stop_distributed_worker_pools():
 def tiny_checkpoint(tmp_path_factory) -> str:
     """A checkpoint of the bundled tiny configuration with random weights, saved at TP=1
     (inference tests load it at their own layouts)."""
-    from inference_helpers import save_random_model
+    from helpers import save_random_model
 
     from megatron_irl.testing import run_distributed
 

@@ -10,13 +10,12 @@ import pytest
 
 transformers = pytest.importorskip("transformers")
 
-from data_helpers import write_jsonl  # noqa: E402
-from hf_helpers import make_tokenizer  # noqa: E402
 
 from megatron_irl.data import DataError, load_tokenizer  # noqa: E402
 from megatron_irl.data.documents import InMemoryDocuments, response_mask  # noqa: E402
 from megatron_irl.data.indexed import IndexedDocuments, preprocess_jsonl  # noqa: E402
 from megatron_irl.evaluation.inputs import read_eval_prompts  # noqa: E402
+from helpers import make_tokenizer, write_jsonl  # noqa: E402
 
 # Llama 3-style: BOS, a system header always, content trimmed, <|eot_id|> ends each turn.
 LLAMA3_STYLE = (

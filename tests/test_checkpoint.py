@@ -35,11 +35,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer import TransformerConfig
 
-from megatron_irl.platform import enable_cpu_support
-from megatron_irl.testing import run_distributed
-from megatron_irl.training import checkpoint as checkpoint_module
-from megatron_irl.training import checkpoint_files
-from megatron_irl.training.checkpoint import (
+from megatron_irl.core import checkpoint as checkpoint_module
+from megatron_irl.core import checkpoint_files
+from megatron_irl.core.checkpoint import (
     CheckpointError,
     TrainingState,
     iteration_dir,
@@ -47,7 +45,9 @@ from megatron_irl.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from megatron_irl.training.checkpoint_files import choose_iteration, remove_old_checkpoints
+from megatron_irl.core.checkpoint_files import choose_iteration, remove_old_checkpoints
+from megatron_irl.cpu_support import enable_cpu_support
+from megatron_irl.testing import run_distributed
 from megatron_irl.training.nonfinite import weights_are_finite
 
 WORLD_SIZE = 2

@@ -21,7 +21,7 @@ from megatron_irl.config import (
     TrainingConfig,
     field_specs,
 )
-from megatron_irl.platform import transformer_engine_problem
+from megatron_irl.cpu_support import transformer_engine_problem
 
 
 @pytest.fixture

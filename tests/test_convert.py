@@ -8,7 +8,6 @@ on gloo ranks (megatron_irl.testing.run_distributed) at the layout under test.
 import json
 import os
 import socket
-import string
 import subprocess
 import sys
 
@@ -28,6 +27,7 @@ from megatron_irl.convert import (  # noqa: E402
 from megatron_irl.convert.families import vocab_divisor  # noqa: E402
 from megatron_irl.convert.mapping import QKV, RULES, VOCAB_ROWS, Dims  # noqa: E402
 from megatron_irl.testing import run_distributed  # noqa: E402
+from helpers import make_ascii_tokenizer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENS = torch.tensor([[1, 40, 41, 52, 60, 3, 77, 90, 12, 5, 33, 70],
@@ -38,22 +38,9 @@ ATOL = 1e-4
 # ------------------------------------------------------------------ Hugging Face side
 
 
-def make_tokenizer(directory: str) -> int:
-    """A character-level tokenizer of the printable ASCII characters plus <unk> <s> </s>."""
-    from tokenizers import Tokenizer, models
-
-    specials = ["<unk>", "<s>", "</s>"]
-    vocab = {token: i for i, token in enumerate(specials + list(string.printable[:95]))}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-    ).save_pretrained(directory)
-    return len(vocab)
-
-
 def make_hf_model(directory: str, family: str, tie: bool, seed: int = 0):
     """A random tiny ``<family>ForCausalLM`` saved (safetensors) with its tokenizer."""
-    vocab_size = make_tokenizer(directory)
+    vocab_size = make_ascii_tokenizer(directory)
     config = getattr(transformers, f"{family}Config")(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie,
@@ -107,10 +94,10 @@ def rank_logits(load_dir: str, tokens: torch.Tensor):
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     from megatron_irl.config import TrainConfig
+    from megatron_irl.core.checkpoint import iteration_dir, latest_iteration, load_checkpoint
+    from megatron_irl.core.model import build_model_chunks
+    from megatron_irl.core.vocabulary import real_vocab_size
     from megatron_irl.data import load_tokenizer
-    from megatron_irl.planning import real_vocab_size
-    from megatron_irl.training.checkpoint import iteration_dir, latest_iteration, load_checkpoint
-    from megatron_irl.training.model import build_model_chunks
 
     directory = iteration_dir(load_dir, latest_iteration(load_dir))
     with open(os.path.join(directory, "training_state.json"), encoding="utf-8") as file:
@@ -312,9 +299,9 @@ def rank_save_model_and_logits(save_dir: str, tokenizer_model: str, tokens: torc
     checkpoint (random weights, random norm weights), then reload it as :func:`rank_logits`
     does; the logits [b, s, v_padded]. One rank."""
     from megatron_irl.config import TrainConfig
+    from megatron_irl.core.checkpoint import TrainingState, save_checkpoint
+    from megatron_irl.core.model import build_model_chunks
     from megatron_irl.data import load_tokenizer
-    from megatron_irl.training.checkpoint import TrainingState, save_checkpoint
-    from megatron_irl.training.model import build_model_chunks
 
     with open(os.path.join(REPO, "examples", "tiny.yaml"), encoding="utf-8") as file:
         model = yaml.safe_load(file)["model"]

@@ -24,10 +24,10 @@ import yaml
 
 transformers = pytest.importorskip("transformers")
 
-from hf_helpers import make_tokenizer  # noqa: E402
 
 from megatron_irl.convert import ConversionError, convert_to_hf, plan_import  # noqa: E402
 from megatron_irl.testing import run_distributed  # noqa: E402
+from helpers import make_tokenizer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB_SIZE = 256

@@ -5,7 +5,6 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-from data_helpers import CharTokenizer, write_jsonl
 
 from megatron_irl.data import (
     DataError,
@@ -15,6 +14,7 @@ from megatron_irl.data import (
     preprocess_jsonl,
 )
 from megatron_irl.data.packing import ROW_FIELDS
+from helpers import CharTokenizer, write_jsonl
 
 SEQ = 16
 

@@ -6,12 +6,12 @@ import tempfile
 import numpy as np
 import pytest
 import torch
-from data_helpers import BOS, EOS, PAD, CharTokenizer, ids, write_jsonl
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megatron_irl.data import DataError, SFTDataset, block_causal_attention_mask
+from helpers import BOS, CharTokenizer, EOS, PAD, ids, write_jsonl
 
 
 def packed(tmp_path, records, seq_length, bos=True, strict=False):

@@ -3,9 +3,9 @@
 import re
 
 import pytest
-from data_helpers import EOS, CharTokenizer, write_jsonl
 
 from megatron_irl.data import DataError, SFTDataset, render_chat
+from helpers import CharTokenizer, EOS, write_jsonl
 
 
 def dataset(path, seq_length=64, strict=False):

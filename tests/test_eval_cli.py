@@ -136,7 +136,7 @@ def test_eval_default_response_length_fits_the_checkpoints_positions(tiny_checkp
                   "--limit", "1", "--temperature", "0", "--progress-bar", "off",
                   "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-4000:]
-    from inference_helpers import tiny_tokenizer
+    from helpers import tiny_tokenizer
 
     from megatron_irl.evaluation.inputs import read_eval_prompts
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from inference_helpers import tiny_config, tiny_tokenizer
 
 from megatron_irl.testing import run_distributed
+from helpers import tiny_config, tiny_tokenizer
 
 ROWS_PER_MICRO_BATCH = 2
 
@@ -33,7 +33,7 @@ def _samples():
 def _reference_log_probs(directory: str):
     from megatron.core import parallel_state
 
-    from megatron_irl.training.checkpoint import load_checkpoint
+    from megatron_irl.core.checkpoint import load_checkpoint
     from megatron_irl.training.reference import ReferencePolicy
     from megatron_irl.training.sampling import policy_rows
 

@@ -11,10 +11,10 @@ import math
 import pytest
 import torch
 
-from inference_helpers import tiny_config, tiny_tokenizer
 
-from megatron_irl.evaluation.generation import SamplingParams, filter_logits
+from megatron_irl.inference.generation import SamplingParams, filter_logits
 from megatron_irl.testing import run_distributed
+from helpers import tiny_config, tiny_tokenizer
 
 PROMPTS = [[1, 5, 6, 7], [1, 9, 10, 11, 12, 13], [1, 4]]
 SEEDS = [11, 12, 13]
@@ -23,8 +23,8 @@ SEEDS = [11, 12, 13]
 def _generator(directory: str, eos_id: int | None = None):
     from megatron.core import parallel_state
 
-    from megatron_irl.evaluation.generation import Generator
     from megatron_irl.evaluation.loading import load_inference_model
+    from megatron_irl.inference.generation import Generator
 
     tokenizer = tiny_tokenizer()
     cfg = tiny_config(parallel_state.get_tensor_model_parallel_world_size(),

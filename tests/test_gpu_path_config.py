@@ -21,9 +21,9 @@ from megatron_irl.config import (
     TrainConfig,
     TrainingConfig,
 )
-from megatron_irl.platform import device_problem, fp8_recipe_problem, requested_gpus
-from megatron_irl.training.distributed import DeviceError, init_distributed
-from megatron_irl.training.model import HiddenStatesGPTModel, fusion_settings
+from megatron_irl.core.distributed import DeviceError, init_distributed
+from megatron_irl.core.model import HiddenStatesGPTModel, fusion_settings
+from megatron_irl.cpu_support import device_problem, fp8_recipe_problem, requested_gpus
 
 REPO = Path(__file__).resolve().parents[1]
 HOPPER, ADA, BLACKWELL = (9, 0), (8, 9), (10, 0)
@@ -232,7 +232,7 @@ def test_plan_prints_a_quarter_of_the_save_memory_for_dp_reshardable_at_dp4(caps
 
 
 def test_distributed_timeout_reaches_the_process_group(monkeypatch):
-    from megatron_irl.training import distributed
+    from megatron_irl.core import distributed
 
     seen = {}
 

@@ -65,17 +65,17 @@ def _misplaced(chunks, device: str, dtype: torch.dtype) -> list:
 
 
 def _scenarios(root: str) -> dict:
-    from inference_helpers import tiny_config, tiny_tokenizer
+    from helpers import tiny_config, tiny_tokenizer
 
-    from megatron_irl.evaluation.loading import load_inference_model
-    from megatron_irl.training.checkpoint import (
+    from megatron_irl.core.checkpoint import (
         CheckpointError,
         TrainingState,
         load_checkpoint,
         save_checkpoint,
     )
+    from megatron_irl.core.model import build_model_chunks
+    from megatron_irl.evaluation.loading import load_inference_model
     from megatron_irl.training.loop import build_trainable
-    from megatron_irl.training.model import build_model_chunks
 
     cfg, vocab = tiny_config(), tiny_tokenizer().vocab_size
     state = TrainingState(0, 0, cfg.to_dict())

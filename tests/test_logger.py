@@ -1,6 +1,7 @@
 """The training log: console line, progress bar, TensorBoard scalars and the metrics file."""
 
 import json
+import re
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -49,9 +50,11 @@ def test_metrics_file_holds_one_json_line_per_step(tmp_path):
 
 
 def test_progress_bar_starts_at_the_resumed_iteration(capsys):
-    _log_two_steps(LoggingConfig(progress_bar="on"))
-    err = capsys.readouterr().err
-    assert "4/4" in err
+    _log_two_steps(LoggingConfig(progress_bar="on"))  # resumes at 2, logs steps 3 and 4
+    counts = re.findall(r"(\d+)/4", capsys.readouterr().err)  # every rendering of the bar
+    # Drawn first before any step of this run, at the resumed iteration (not 0/4), and
+    # finished at the last step (a bar started at 0 would end at 2/4).
+    assert counts[0] == "2" and counts[-1] == "4", counts
 
 
 def test_only_the_logging_rank_writes(tmp_path, capsys):

@@ -4,116 +4,40 @@ The fused loss is checked against ``soft_q_loss_reference`` run in float64 on ex
 values the fused loss sees (fp32 inputs are drawn in fp32; bf16 inputs are rounded first and
 the reference gets the rounded values), on hand-built rows for each masking case, on extreme
 logits, on bad input, and for its documented in-place behaviour. ``tests/test_loss_distributed.py``
-does the same at TP = 1, 2, 4 and reuses the helpers defined here.
+does the same at TP = 1, 2, 4; both use the batches and references of tests/helpers.py.
 
 Layouts: logits ``[b, s, v]``, everything else ``[b, s]``; upstream gradients ``[4, b, s]``,
 one per output field (loss, nll, delta, value).
 """
 
 import math
-from typing import NamedTuple
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_irl import SoftQLossOutput, soft_q_loss_reference, vocab_parallel_soft_q_loss
-
-# The fused loss upcasts its input exactly and computes in fp32, so against a float64 reference
-# on the same input values every output, for fp32 and bf16 logits alike, is off by fp32
-# rounding only. That error scales with the magnitudes an element was computed from, not with
-# the element: nll = V - z[a] and delta = z[a] - gamma * V' cancel (a confident token's nll
-# of 5e-8 comes out as 0 in fp32, in Megatron's cross entropy too). So the absolute slack is
-# relative to the largest |V| (which bounds |z[a]|) and the largest element of the tensor:
-# |actual - expected| <= RTOL * (|expected| + max |expected| + max |V|), RTOL about 80 fp32 ulps.
-# The logit gradient is a few products of softmax entries with per-token coefficients; its
-# slack is relative to its own largest element.
-FP32_RTOL = 1e-5
-# The gradient of bf16 logits is returned in bf16: the fp32 gradient (error as above) is rounded
-# to 8 significant bits, a relative error of at most 2^-9; 2^-8 also covers an fp32 error that
-# moves a value across a rounding boundary. fp16 keeps 11 bits (2^-12), so 2^-10 likewise.
-GRAD_RTOL = {torch.float32: FP32_RTOL, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
-IGNORE = -100  # Megatron's / Hugging Face's label at untrained positions
-
-
-class Batch(NamedTuple):
-    """Loss inputs; ``logits`` are fp32 ``[b, s, v]``, ``upstream`` fp32 ``[4, b, s]``."""
-
-    logits: torch.Tensor
-    labels: torch.Tensor
-    loss_mask: torch.Tensor
-    terminal: torch.Tensor
-    upstream: torch.Tensor
-
-
-def make_batch(b, s, v, *, seed, scale=3.0, p_trained=0.7, p_terminal=0.2) -> Batch:
-    """Random inputs: IGNORE labels at untrained positions, terminals anywhere."""
-    gen = torch.Generator().manual_seed(seed)
-    logits = torch.randn(b, s, v, generator=gen) * scale
-    trained = torch.rand(b, s, generator=gen) < p_trained
-    labels = torch.where(trained, torch.randint(0, v, (b, s), generator=gen), IGNORE)
-    terminal = torch.rand(b, s, generator=gen) < p_terminal
-    upstream = torch.randn(4, b, s, generator=gen)
-    return Batch(logits, labels, trained.float(), terminal, upstream)
+from megatron_irl import SoftQLossOutput, vocab_parallel_soft_q_loss
+from helpers import (
+    Batch,
+    FP32_RTOL,
+    GRAD_RTOL,
+    IGNORE,
+    LAM_GAMMA,
+    assert_close_scaled,
+    assert_outputs_close,
+    make_batch,
+    run_fused,
+    run_reference,
+    upstream_only_on,
+    weighted_sum,
+)
 
 
 def dyadic_logits(b, s, v, seed) -> torch.Tensor:
     """Multiples of 1/4 in [-4, 4): ``(z - max) + max`` is exact, so are target logits."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(-16, 16, (b, s, v), generator=gen).float() / 4
-
-
-def upstream_only_on(batch: Batch, *fields: str) -> Batch:
-    """``batch`` with the upstream gradient of every output not named in ``fields`` zeroed."""
-    keep = torch.tensor([float(name in fields) for name in SoftQLossOutput._fields])
-    return batch._replace(upstream=batch.upstream * keep[:, None, None])
-
-
-def weighted_sum(out: SoftQLossOutput, upstream: torch.Tensor) -> torch.Tensor:
-    """A scalar whose backward sends ``upstream[i]`` into output field i."""
-    return sum((field * grad.to(field.dtype)).sum() for field, grad in zip(out, upstream))
-
-
-def run_fused(logits, batch, *, lam, gamma, stop_value_grad=False, tp_group=None):
-    """The fused loss on a clone of ``logits`` (any dtype, possibly a vocab shard).
-
-    Returns (outputs, gradient w.r.t. the logits) after backward with ``batch.upstream``.
-    """
-    logits = logits.clone().requires_grad_()
-    out = vocab_parallel_soft_q_loss(
-        logits, batch.labels, batch.loss_mask, batch.terminal,
-        lam=lam, gamma=gamma, tp_group=tp_group, stop_value_grad=stop_value_grad,
-    )
-    weighted_sum(out, batch.upstream).backward()
-    return SoftQLossOutput(*(field.detach() for field in out)), logits.grad.clone()
-
-
-def run_reference(logits, batch, *, lam, gamma, stop_value_grad=False):
-    """The reference in float64 on the same logit values; returns (outputs, gradient)."""
-    logits = logits.double().requires_grad_()
-    out = soft_q_loss_reference(
-        logits, batch.labels, batch.loss_mask.double(), batch.terminal,
-        lam=lam, gamma=gamma, stop_value_grad=stop_value_grad,
-    )
-    weighted_sum(out, batch.upstream.double()).backward()
-    return SoftQLossOutput(*(field.detach() for field in out)), logits.grad
-
-
-def assert_close_scaled(actual, expected, rtol, what, scale=0.0):
-    """|actual - expected| <= rtol * (|expected| + max |expected| + scale), element-wise."""
-    expected = expected.double()
-    atol = rtol * (expected.abs().max().item() + scale) if expected.numel() else 0.0
-    torch.testing.assert_close(
-        actual.double(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}"
-    )
-
-
-def assert_outputs_close(actual: SoftQLossOutput, expected: SoftQLossOutput, what=""):
-    value_scale = expected.value.abs().max().item() if expected.value.numel() else 0.0
-    for name, a, e in zip(SoftQLossOutput._fields, actual, expected):
-        assert a.dtype == torch.float32, f"{what} {name} is {a.dtype}, documented fp32"
-        assert_close_scaled(a, e, FP32_RTOL, f"{what} {name}", scale=value_scale)
 
 
 def call(logits, batch, **kwargs):
@@ -126,7 +50,6 @@ def call(logits, batch, **kwargs):
 
 # ------------------------------------------------------------------ against the reference
 
-LAM_GAMMA = [(0.0, 1.0), (0.1, 1.0), (1.0, 0.99), (2.0, 0.0), (0.5, 0.5)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 

@@ -4,7 +4,7 @@ Every rank gets the same full-vocabulary inputs (built here, in the pytest proce
 the loss on its vocabulary shard ``[r * v/tp, (r + 1) * v/tp)`` of the logits, through
 Megatron's tensor-parallel group. The pytest process concatenates the ranks' gradient shards
 along the vocabulary and compares them, and the per-token outputs, to the float64 reference
-(tolerances as in ``tests/test_loss.py``). TP = 1 and 2 share one two-rank pool (TP = 1 there
+(tolerances as in ``tests/helpers.py``). TP = 1 and 2 share one two-rank pool (TP = 1 there
 means two data-parallel ranks, each with the whole vocabulary); TP = 4 has a four-rank pool.
 Megatron's global ranks are TP-innermost, so ranks ``0 .. tp-1`` form one TP group.
 """
@@ -16,7 +16,7 @@ import torch
 
 from megatron_irl import vocab_parallel_soft_q_loss
 from megatron_irl.testing import run_distributed
-from test_loss import (
+from helpers import (
     FP32_RTOL,
     GRAD_RTOL,
     LAM_GAMMA,
@@ -168,7 +168,7 @@ def test_lam_zero_loss_equals_megatron_cross_entropy(megatron_run):
     for batch, ((loss, _), (megatron_loss, _)) in zip(batches, per_rank[0]):
         trained = batch.loss_mask > 0
         # nll = V - z[a] vs Megatron's log(sum exp(z - max)) - (z[a] - max): same fp32 maths,
-        # rounded differently, so the slack is relative to the logits' scale (see test_loss.py).
+        # rounded differently, so the slack is relative to the logits' scale (see tests/helpers.py).
         scale = batch.logits.abs().max().item()
         assert_close_scaled(loss[trained], megatron_loss[trained], FP32_RTOL, "loss", scale)
 

@@ -19,8 +19,7 @@ from megatron_irl.loss.gail import (
 )
 from megatron_irl.loss.reference import gail_policy_loss_reference, reward_to_go_reference
 from megatron_irl.testing import run_distributed
-from test_loss import FP32_RTOL, GRAD_RTOL, assert_close_scaled
-from test_loss_online import make_online_batch
+from helpers import FP32_RTOL, GRAD_RTOL, assert_close_scaled, make_online_batch
 
 VOCAB = 12
 

@@ -6,7 +6,6 @@ one population at random, so rows hold both and every masking case occurs. Layou
 ``[b, s, v]``, everything else ``[b, s]``; upstream gradients ``[6, b, s]``, one per output.
 """
 
-from typing import NamedTuple
 
 import pytest
 import torch
@@ -17,31 +16,17 @@ from megatron_irl.loss.online import OnlineSoftQLossOutput, online_soft_q_loss
 from megatron_irl.loss.reference import online_soft_q_loss_reference
 from megatron_irl.loss.soft_q import vocab_parallel_soft_q_loss
 from megatron_irl.testing import run_distributed
-from test_loss import FP32_RTOL, GRAD_RTOL, IGNORE, assert_close_scaled, make_batch
+from helpers import (
+    FP32_RTOL,
+    GRAD_RTOL,
+    IGNORE,
+    OnlineBatch,
+    assert_close_scaled,
+    make_online_batch,
+    weighted_sum,
+)
 
 VOCAB = 12  # divisible by the TP size 2
-
-
-class OnlineBatch(NamedTuple):
-    logits: torch.Tensor  # fp32 [b, s, v]
-    labels: torch.Tensor
-    loss_mask: torch.Tensor  # expert tokens
-    policy_mask: torch.Tensor
-    terminal: torch.Tensor
-    upstream: torch.Tensor  # [6, b, s]
-
-
-def make_online_batch(b, s, v, *, seed, p_policy=0.5, **kwargs) -> OnlineBatch:
-    base = make_batch(b, s, v, seed=seed, **kwargs)
-    gen = torch.Generator().manual_seed(seed + 1)
-    is_policy = torch.rand(b, s, generator=gen) < p_policy
-    upstream = torch.randn(6, b, s, generator=gen)
-    return OnlineBatch(base.logits, base.labels, base.loss_mask * ~is_policy,
-                       base.loss_mask * is_policy, base.terminal, upstream)
-
-
-def weighted_sum(out, upstream):
-    return sum((field * grad.to(field.dtype)).sum() for field, grad in zip(out, upstream))
 
 
 def run_online(logits, batch, tp_group=None, **options):

@@ -8,13 +8,13 @@ single-turn row's ``next_position`` reproduces the ``t + 1`` default bit for bit
 
 import pytest
 import torch
-from data_helpers import CharTokenizer, write_jsonl
 
 from megatron_irl.data import SFTDataset
 from megatron_irl.loss import vocab_parallel_soft_q_loss
 from megatron_irl.loss.fused_output import fused_output_soft_q_loss_sum
 from megatron_irl.loss.online import online_soft_q_loss
 from megatron_irl.loss.reference import online_soft_q_loss_reference, soft_q_loss_reference
+from helpers import CharTokenizer, write_jsonl
 
 TWO_TURNS = {"messages": [
     {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},

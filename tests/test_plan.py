@@ -17,6 +17,7 @@ import pytest
 from megatron_irl import plan, planning
 from megatron_irl.arguments import load_train_config
 from megatron_irl.config import TrainConfig
+from megatron_irl.core.vocabulary import padded_vocab_size
 from megatron_irl.testing import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,8 +98,8 @@ def tiny_b_measured():
 
 def _estimate(config: dict, data_parallel: int) -> list[planning.StageMemory]:
     cfg = TrainConfig.from_dict(config)
-    padded = planning.padded_vocab_size(TINY_VOCAB, cfg.model.make_vocab_size_divisible_by,
-                                        cfg.parallel.tensor_model_parallel_size)
+    padded = padded_vocab_size(TINY_VOCAB, cfg.model.make_vocab_size_divisible_by,
+                               cfg.parallel.tensor_model_parallel_size)
     return planning.estimate_memory(cfg, padded, data_parallel)
 
 

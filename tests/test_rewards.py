@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from inference_helpers import tiny_config, tiny_tokenizer
 
 from megatron_irl.evaluation.inputs import ScoredPair, read_scored_pairs
 from megatron_irl.evaluation.reward_analysis import rank_correlations
 from megatron_irl.testing import run_distributed
+from helpers import tiny_config, tiny_tokenizer
 
 GAMMA = 0.9
 

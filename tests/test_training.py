@@ -9,65 +9,23 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "examples" / "tiny.yaml"
-GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny_soft_q_losses.json"
-
-SHORT_RUN = [
-    "--train-iters", "4", "--lr-warmup-iters", "1", "--log-interval", "1",
-    "--micro-batch-size", "2", "--global-batch-size", "8", "--progress-bar", "off",
-    "--tensorboard-dir", "", "--valid-data-path", "", "--save", "", "--save-interval", "",
-]
-
-
-def _command(nproc: int, flags: list[str]) -> list[str]:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
-    return launcher + ["-m", "megatron_irl.train", "--config", str(TINY), *flags]
-
-
-def _env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("WORLD_SIZE", None)
-    env.pop("RANK", None)
-    return env
-
-
-def run_train(tmp_path: Path, nproc: int, *flags: str, name: str = "run",
-              save: bool = False) -> list[dict]:
-    """Run the trainer; return the training steps' scalars from its metrics file.
-
-    With ``save`` the final checkpoint goes to ``tmp_path / f"{name}_ckpt"``.
-    """
-    metrics = tmp_path / f"{name}.metrics.jsonl"
-    save_flags = ["--save", str(tmp_path / f"{name}_ckpt")] if save else []
-    result = subprocess.run(
-        _command(nproc, [*SHORT_RUN, *save_flags, "--metrics-file", str(metrics), *flags]),
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    steps = [json.loads(line) for line in metrics.read_text().splitlines()]
-    return [step for step in steps if step["split"] == "train"]
-
-
-def losses(steps: list[dict]) -> dict[int, float]:
-    return {step["iteration"]: step["loss"] for step in steps}
-
-
-def assert_same_losses(actual: dict, expected: dict, rel: float = 1e-5) -> None:
-    assert actual.keys() == expected.keys()
-    for iteration in actual:
-        assert actual[iteration] == pytest.approx(expected[iteration], rel=rel), iteration
+from helpers import (
+    REPO,
+    SHORT_RUN,
+    assert_golden_losses,
+    assert_same_losses,
+    losses,
+    run_train,
+    train_command,
+    train_env,
+)
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +98,8 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path, six_step_loss
 
 def test_resuming_a_finished_run_says_there_is_nothing_to_train(first_half_checkpoint):
     result = subprocess.run(
-        _command(1, [*SHORT_RUN, "--train-iters", "3", "--load", first_half_checkpoint]),
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+        train_command(1, [*SHORT_RUN, "--train-iters", "3", "--load", first_half_checkpoint]),
+        cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert ("nothing to train: the checkpoint is at iteration 3 and --train-iters is 3"
             in result.stdout)
@@ -154,8 +112,8 @@ def test_damaged_checkpoint_stops_the_run_with_a_message_naming_the_file(
     common = damaged / "iter_0000003" / "common.pt"
     common.write_bytes(common.read_bytes()[:100])
     result = subprocess.run(
-        _command(1, [*SHORT_RUN, "--train-iters", "6", "--load", str(damaged)]),
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+        train_command(1, [*SHORT_RUN, "--train-iters", "6", "--load", str(damaged)]),
+        cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 1
     assert (f"megatron-irl train: error: checkpoint {damaged}/iter_0000003 (iteration 3, chosen "
             f"by latest_checkpointed_iteration.txt) is unusable: common.pt: 100 bytes"
@@ -193,14 +151,23 @@ def test_tensor_parallel_checkpoint_resumes_at_tp1(tmp_path, six_step_losses):
     assert_same_losses(resumed, {i: six_step_losses[i] for i in (4, 5, 6)})
 
 
-def test_golden_loss_curve(tmp_path, single_rank_run):
+def test_golden_loss_curve(single_rank_run):
     """Catches silent numerical changes: the tiny run's first losses are pinned."""
-    expected = {int(k): v for k, v in json.loads(GOLDEN.read_text()).items()}
-    assert_same_losses(losses(single_rank_run), expected, rel=1e-4)
+    assert_golden_losses("tiny_soft_q_losses", single_rank_run)
 
 
-def test_mle_entropy_baseline_trains_and_logs_entropy(tmp_path):
-    steps = run_train(tmp_path, 1, "--irl-loss", "mle_entropy", "--irl-entropy-coef", "0.01")
+@pytest.fixture(scope="module")
+def mle_entropy_run(tmp_path_factory) -> list[dict]:
+    return run_train(tmp_path_factory.mktemp("mle_entropy"), 1, "--irl-loss", "mle_entropy",
+                     "--irl-entropy-coef", "0.01")
+
+
+def test_mle_entropy_golden_loss_curve(mle_entropy_run):
+    assert_golden_losses("tiny_mle_entropy_losses", mle_entropy_run)
+
+
+def test_mle_entropy_baseline_trains_and_logs_entropy(mle_entropy_run):
+    steps = mle_entropy_run
     assert all(step["entropy"] > 0 for step in steps)
     # loss = nll - coef * entropy per trained token
     for step in steps:
@@ -218,9 +185,9 @@ def test_termination_signal_saves_a_checkpoint_and_the_run_resumes_there(tmp_pat
     metrics = tmp_path / "signal.metrics.jsonl"
     save = tmp_path / "signal_ckpt"
     proc = subprocess.Popen(
-        _command(1, [*SHORT_RUN, "--train-iters", "100000", "--save", str(save),
+        train_command(1, [*SHORT_RUN, "--train-iters", "100000", "--save", str(save),
                      "--metrics-file", str(metrics)]),
-        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     deadline = time.monotonic() + 300
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
@@ -239,8 +206,8 @@ def test_termination_signal_saves_a_checkpoint_and_the_run_resumes_there(tmp_pat
 
 def test_invalid_configuration_stops_before_any_process_group(tmp_path):
     result = subprocess.run(
-        _command(2, [*SHORT_RUN, "--global-batch-size", "6", "--micro-batch-size", "4"]),
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+        train_command(2, [*SHORT_RUN, "--global-batch-size", "6", "--micro-batch-size", "4"]),
+        cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0
     assert "--global-batch-size" in result.stderr
@@ -251,8 +218,8 @@ def test_malformed_training_data_names_file_and_line(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "Q: 1?", "response": " 1"}\n{"prompt": "Q: 2?", "respon\n')
     result = subprocess.run(
-        _command(1, [*SHORT_RUN, "--train-data-path", str(data)]),
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+        train_command(1, [*SHORT_RUN, "--train-data-path", str(data)]),
+        cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 1
     assert f"{data}:2" in result.stderr
@@ -295,12 +262,12 @@ def poisoned_pipeline_run(tmp_path_factory):
     """PP=2, a checkpoint every step, NaN losses in steps 2, 3 and 5..7 (3 in a row stop it)."""
     tmp_path = tmp_path_factory.mktemp("poisoned")
     metrics, save = tmp_path / "metrics.jsonl", tmp_path / "ckpt"
-    command = _command(2, [*SHORT_RUN, "--train-iters", "10", "--save", str(save),
+    command = train_command(2, [*SHORT_RUN, "--train-iters", "10", "--save", str(save),
                            "--save-interval", "1", "--metrics-file", str(metrics),
                            "--pipeline-model-parallel-size", "2", "--max-nonfinite-steps", "3"])
     module = command.index("megatron_irl.train")  # run the poisoning script instead
     command[module - 1:module + 1] = [str(REPO / "tests" / "train_with_poisoned_steps.py")]
-    result = subprocess.run(command, cwd=REPO, env={**_env(), "POISONED_STEPS": "2,3,5,6,7"},
+    result = subprocess.run(command, cwd=REPO, env={**train_env(), "POISONED_STEPS": "2,3,5,6,7"},
                             capture_output=True, text=True, timeout=600)
     steps = [json.loads(line) for line in metrics.read_text().splitlines()]
     return result, [step for step in steps if step["split"] == "train"], save

@@ -1,6 +1,6 @@
 """``--irl-loss online`` and ``gail``: the policy rows, the configuration checks, and real
-torchrun launches of ``megatron_irl.train`` on the tiny configuration (``test_training``'s
-``run_train``), two of them at PP=2."""
+torchrun launches of ``megatron_irl.train`` on the tiny configuration (``helpers.run_train``),
+two of them at PP=2, whose losses are also pinned as golden curves."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
-from test_training import assert_same_losses, losses, run_train
 
 from megatron_irl.config import ConfigError, IRLConfig, ParallelConfig, TrainConfig
 from megatron_irl.config_online import OnlineConfig
+from helpers import assert_golden_losses, assert_same_losses, losses, run_train
 
 SAMPLING = ["--online-max-new-tokens", "16", "--online-sample-interval", "2"]
 ONLINE = ["--irl-loss", "online", *SAMPLING]
@@ -76,9 +76,18 @@ def _finite(steps: list[dict], names: tuple[str, ...]) -> None:
             assert math.isfinite(step[name]), (step["iteration"], name)
 
 
-def test_online_trains_under_pp2_and_logs_the_mixture(tmp_path):
-    steps = run_train(tmp_path, 2, *PP2, *ONLINE, "--online-alpha-mix", "0.5",
-                      "--online-td-over", "mixture")
+@pytest.fixture(scope="module")
+def online_pp2_run(tmp_path_factory) -> list[dict]:
+    return run_train(tmp_path_factory.mktemp("online"), 2, *PP2, *ONLINE,
+                     "--online-alpha-mix", "0.5", "--online-td-over", "mixture")
+
+
+def test_online_golden_loss_curve(online_pp2_run):
+    assert_golden_losses("tiny_online_pp2_losses", online_pp2_run)
+
+
+def test_online_trains_under_pp2_and_logs_the_mixture(online_pp2_run):
+    steps = online_pp2_run
     _finite(steps, ("loss", "u_expert", "u_policy", "value_expert", "value_policy",
                     "reward", "reward_policy", "response_length", "eos_fraction"))
     assert [step["sample_step"] for step in steps] == [0, 0, 2, 2]
@@ -98,6 +107,10 @@ def gail_runs(tmp_path_factory) -> dict[str, list[dict]]:
     (tmp / "whole_ckpt" / "latest_checkpointed_iteration.txt").write_text("3\n")
     return {"whole": whole,
             "resumed": run_train(tmp, 2, *run, "--load", str(tmp / "whole_ckpt"), name="resumed")}
+
+
+def test_gail_golden_loss_curve(gail_runs):
+    assert_golden_losses("tiny_gail_pp2_losses", gail_runs["whole"])
 
 
 def test_gail_trains_under_pp2_and_logs_its_metrics(gail_runs):

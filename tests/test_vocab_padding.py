@@ -22,7 +22,7 @@ from megatron_irl.loss.reference import (
     soft_q_loss_reference,
 )
 from megatron_irl.testing import run_distributed
-from test_loss import FP32_RTOL, IGNORE, assert_close_scaled
+from helpers import FP32_RTOL, IGNORE, assert_close_scaled
 
 PADDED = 16
 HIDDEN = 8
@@ -243,7 +243,7 @@ ARCHITECTURE = {"hidden_size": 64, "padded_vocab_size": 128, "vocab_size": 100}
 
 
 def test_checkpoint_with_another_real_vocabulary_is_refused_naming_the_flag():
-    from megatron_irl.training.checkpoint import CheckpointError, _check_architecture
+    from megatron_irl.core.checkpoint import CheckpointError, _check_architecture
 
     with pytest.raises(CheckpointError, match=r"vocab_size \(--vocab-size\): checkpoint 100, "
                                               r"this run 98"):
@@ -251,7 +251,7 @@ def test_checkpoint_with_another_real_vocabulary_is_refused_naming_the_flag():
 
 
 def test_checkpoint_without_a_real_vocabulary_loads_with_the_fallback_named(caplog):
-    from megatron_irl.training.checkpoint import _check_architecture
+    from megatron_irl.core.checkpoint import _check_architecture
 
     saved = {name: value for name, value in ARCHITECTURE.items() if name != "vocab_size"}
     _check_architecture(saved, {**ARCHITECTURE, "vocab_size": 98}, "ckpt")
@@ -261,7 +261,7 @@ def test_checkpoint_without_a_real_vocabulary_loads_with_the_fallback_named(capl
 
 def test_real_vocabulary_is_the_flag_else_the_tokenizers_and_never_below_it():
     from megatron_irl.config import ConfigError, ModelConfig
-    from megatron_irl.planning import real_vocab_size
+    from megatron_irl.core.vocabulary import real_vocab_size
 
     assert real_vocab_size(ModelConfig(), 98) == 98
     assert real_vocab_size(ModelConfig(vocab_size=100), 98) == 100

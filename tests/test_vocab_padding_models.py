@@ -20,7 +20,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from megatron_irl.testing import run_distributed  # noqa: E402
-from test_convert import make_tokenizer  # noqa: E402
+from helpers import make_ascii_tokenizer  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMBEDDING_ROWS = {"Llama": 98, "Mistral": 98, "Qwen2": 100}
@@ -31,7 +31,7 @@ HUGE = 1e4  # the padded logits during generation
 
 
 def _make_hf_model(directory: str, family: str, rows: int, seed: int):
-    make_tokenizer(directory)
+    make_ascii_tokenizer(directory)
     config = getattr(transformers, f"{family}Config")(
         vocab_size=rows, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=family == "Qwen2",
@@ -73,13 +73,13 @@ def _inference_model(load_dir: str):
     (``evaluation.session``): its saved config, the real vocabulary resolved."""
     from megatron.core import parallel_state as ps
 
+    from megatron_irl.core.vocabulary import real_vocab_size
     from megatron_irl.data import load_tokenizer
     from megatron_irl.evaluation.loading import (
         inference_config,
         load_inference_model,
         read_saved_run,
     )
-    from megatron_irl.planning import real_vocab_size
 
     cfg = inference_config(read_saved_run(load_dir).config,
                            ps.get_tensor_model_parallel_world_size(), 1)
@@ -93,8 +93,8 @@ def _score_and_generate(out_dirs: dict) -> dict:
     padded logits made huge (greedy and sampled, all prompts)."""
     from megatron.core import parallel_state as ps
 
-    from megatron_irl.evaluation.generation import Generator, SamplingParams
     from megatron_irl.evaluation.reward_extraction import extract_rewards
+    from megatron_irl.inference.generation import Generator, SamplingParams
 
     results = {}
     for family, load_dir in out_dirs.items():

@@ -173,7 +173,7 @@ def measure(args, deadline=None) -> dict:
     "core_attention" and "tokens_per_step".
     """
     from megatron_irl.config import IRLConfig
-    from megatron_irl.training.distributed import init_distributed, shutdown_distributed
+    from megatron_irl.core.distributed import init_distributed, shutdown_distributed
     from megatron_irl.training.loop import build_trainable
     from megatron_irl.training.objective import Objective
 

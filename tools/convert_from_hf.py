@@ -45,7 +45,7 @@ def main(argv=None) -> int:
                         help="stored dtype; unset: bfloat16 for bfloat16 weights, else float32")
     args = parser.parse_args(argv)
 
-    from megatron_irl.training.distributed import launch_environment
+    from megatron_irl.core.distributed import launch_environment
 
     _, world_size, _ = launch_environment()
     try:
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
 
     from megatron_irl.config import ParallelConfig
     from megatron_irl.convert import import_checkpoint
-    from megatron_irl.training.distributed import init_distributed, shutdown_distributed
+    from megatron_irl.core.distributed import init_distributed, shutdown_distributed
 
     init_distributed(ParallelConfig(**plan.config["parallel"]), seed=0)
     try:

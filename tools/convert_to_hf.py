@@ -45,7 +45,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     from megatron_irl.convert import convert_to_hf
-    from megatron_irl.training.checkpoint import CheckpointError
+    from megatron_irl.core.checkpoint import CheckpointError
 
     try:
         files = convert_to_hf(args.load, args.output, tokenizer=args.tokenizer,

@@ -180,7 +180,7 @@ def vocab_divisor(tokenizer_vocab: int, hf_vocab: int, tp: int, requested: int |
     ``requested`` None: lcm(128, TP) (Megatron-LM's default divisor), doubled until it does;
     such a divisor gives the same padded size at every TP that divides it.
     """
-    from megatron_irl.planning import padded_vocab_size
+    from megatron_irl.core.vocabulary import padded_vocab_size
 
     if requested is not None:
         padded = padded_vocab_size(tokenizer_vocab, requested, tp)

@@ -82,8 +82,8 @@ def plan_import(hf_dir: str, tensor_parallel_size: int = 1, *, world_size: int =
     Raises ConversionError (unsupported architecture or files) or ConfigError (a parallel
     size that does not fit the model; the message names the flag).
     """
+    from megatron_irl.core.vocabulary import padded_vocab_size
     from megatron_irl.data.tokenizer import load_tokenizer
-    from megatron_irl.planning import padded_vocab_size
 
     source = os.path.join(hf_dir, "config.json")
     hf_config = read_json(source)
@@ -131,8 +131,8 @@ def import_checkpoint(plan: ImportPlan, output_dir: str) -> str:
     rank 0 the tokenizer files, ``model.yaml`` and ``hf_config.json``.
     """
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-    from megatron_irl.training.checkpoint import TrainingState, save_checkpoint
-    from megatron_irl.training.model import build_model_chunks
+    from megatron_irl.core.checkpoint import TrainingState, save_checkpoint
+    from megatron_irl.core.model import build_model_chunks
 
     config = {**plan.config, "data": {**plan.config["data"],
                                       "tokenizer_model": os.path.abspath(

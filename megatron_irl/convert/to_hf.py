@@ -39,7 +39,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 def _checkpoint_directory(load_dir: str) -> str:
     """The latest complete checkpoint under ``load_dir``, once its files pass the manifest
     check (CheckpointError naming a damaged file and the newest usable iteration)."""
-    from megatron_irl.training.checkpoint_files import choose_iteration, iteration_dir
+    from megatron_irl.core.checkpoint_files import choose_iteration, iteration_dir
 
     return iteration_dir(load_dir, choose_iteration(load_dir))
 

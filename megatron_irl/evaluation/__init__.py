@@ -1,1 +1,1 @@
-"""Evaluation: generation from a checkpoint, task metrics, diversity and extracted rewards."""
+"""Evaluation: task metrics and diversity of samples, extracted rewards, reports and plots."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 
 from megatron_irl.config import ParallelConfig, TrainConfig
-from megatron_irl.training.checkpoint import load_checkpoint, read_saved_state
-from megatron_irl.training.model import build_model_chunks
+from megatron_irl.core.checkpoint import load_checkpoint, read_saved_state
+from megatron_irl.core.model import build_model_chunks
 
 
 @dataclasses.dataclass
@@ -46,7 +46,7 @@ def load_inference_model(cfg: TrainConfig, load_dir: str, vocab_size: int,
                          iteration: int | None = None):
     """This rank's GPTModel with the weights of the checkpoint of ``iteration`` (None: the
     latest complete one), in eval mode; ``vocab_size`` is the real vocabulary
-    (``planning.real_vocab_size``).
+    (``core.vocabulary.real_vocab_size``).
 
     Collective over the world group (the checkpoint load). Megatron's parallel state must
     be initialised with ``cfg.parallel``'s layout.

@@ -172,8 +172,8 @@ def run_command(prog: str, cls: type, argv: Sequence[str], action) -> int:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     from megatron_irl.config import ConfigError
+    from megatron_irl.core.checkpoint import CheckpointError
     from megatron_irl.data import DataError
-    from megatron_irl.training.checkpoint import CheckpointError
 
     try:
         action(options)

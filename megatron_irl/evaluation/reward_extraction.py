@@ -24,6 +24,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_irl.cpu_support import current_device
 from megatron_irl.data import block_causal_attention_mask
 from megatron_irl.data.packing import PackPlan, build_row
 from megatron_irl.evaluation.inputs import ScoredPair
@@ -105,8 +106,7 @@ def extract_rewards(model, pairs: list[ScoredPair], gamma: float, micro_batch_si
         return [] if parallel_state.is_pipeline_last_stage(ignore_virtual=True) else None
     seq_length = max(len(p.tokens) for p in pairs) - 1
     rows = document_rows(pairs, seq_length, pad_id)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
+    device = current_device()
     # The schedule needs equal micro-batches: the last one is topped up with copies.
     padded = -len(pairs) % micro_batch_size
     indices = torch.cat([torch.arange(len(pairs)), torch.zeros(padded, dtype=torch.long)])

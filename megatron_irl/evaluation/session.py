@@ -17,11 +17,11 @@ from megatron.core import parallel_state
 
 from megatron_irl.arguments import world_size_from_env
 from megatron_irl.config import ConfigError
+from megatron_irl.core.distributed import init_distributed, shutdown_distributed
+from megatron_irl.core.vocabulary import real_vocab_size
 from megatron_irl.data import Tokenizer, load_tokenizer
 from megatron_irl.evaluation.loading import inference_config, load_inference_model, read_saved_run
 from megatron_irl.evaluation.options import InferenceOptions
-from megatron_irl.planning import real_vocab_size
-from megatron_irl.training.distributed import init_distributed, shutdown_distributed
 
 
 @dataclass

@@ -42,7 +42,7 @@ Sequence parallelism: ``hidden`` must hold the whole sequence. Sequence-sharded 
 are all-gathered by the caller first, as Megatron's output layer does, with a backward that
 *splits* the gradient (``gather_from_sequence_parallel_region(...,
 tensor_parallel_output_grad=False)``) since the gradient returned here is already summed over
-the TP group (``megatron_irl.training.model`` does exactly this).
+the TP group (``megatron_irl.core.model`` does exactly this).
 
 Memory: the weight gradient ``[v/tp, h]`` (fp32 while accumulating) and the hidden gradient
 ``[b*s, h]`` are held from forward to backward, next to one chunk buffer during forward.

@@ -33,7 +33,7 @@ def real_columns(local_vocab: int, vocab_size: Optional[int],
                  tp_group: Optional[dist.ProcessGroup]) -> int:
     """How many of this rank's ``local_vocab`` columns are real tokens (ids < ``vocab_size``).
 
-    The vocabulary is padded with rows that are no token (``planning.padded_vocab_size``);
+    The vocabulary is padded with rows that are no token (``core.vocabulary.padded_vocab_size``);
     they sit at the end of the last shards, so this is ``local_vocab`` on the first ranks, a
     part on the rank where the padding starts, and 0 on a rank whose whole shard is padding.
     ``vocab_size`` None: every column is real.

@@ -1,1 +1,1 @@
-"""Training: the model, the objective, the loop, logging and checkpoints."""
+"""Training: the objectives, the loop, the optimizer, online sampling, GAIL and logging."""

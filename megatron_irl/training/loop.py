@@ -24,6 +24,25 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_irl.config import TrainConfig
 from megatron_irl.config_online import SAMPLING_LOSSES
+from megatron_irl.core.checkpoint import (
+    TrainingState,
+    iteration_dir,
+    load_checkpoint,
+    save_checkpoint,
+)
+from megatron_irl.core.distributed import (
+    init_distributed,
+    is_logging_rank,
+    shutdown_distributed,
+)
+from megatron_irl.core.model import (
+    HiddenStatesAndWeight,
+    build_model_chunks,
+    uses_thd,
+    wrap_data_parallel,
+)
+from megatron_irl.core.vocabulary import real_vocab_size
+from megatron_irl.cpu_support import current_device
 from megatron_irl.data import (
     EvalBatches,
     SFTDataset,
@@ -32,25 +51,7 @@ from megatron_irl.data import (
     load_tokenizer,
 )
 from megatron_irl.data.packed_attention import thd_packed_seq_params
-from megatron_irl.planning import real_vocab_size
-from megatron_irl.training.checkpoint import (
-    TrainingState,
-    iteration_dir,
-    load_checkpoint,
-    save_checkpoint,
-)
-from megatron_irl.training.distributed import (
-    init_distributed,
-    is_logging_rank,
-    shutdown_distributed,
-)
 from megatron_irl.training.logger import TrainingLogger
-from megatron_irl.training.model import (
-    HiddenStatesAndWeight,
-    build_model_chunks,
-    uses_thd,
-    wrap_data_parallel,
-)
 from megatron_irl.training.nonfinite import (
     NonFiniteSteps,
     NonFiniteTrainingError,
@@ -169,7 +170,7 @@ def _is_multiple(iteration: int, interval: int | None) -> bool:
 def _stop_requested() -> bool:
     """Whether any rank got a stop signal: every rank must agree when to stop (MAX)."""
     flag = torch.tensor([int(stop_signal_received())],
-                        device="cuda" if torch.cuda.is_available() else "cpu")
+                        device=current_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 

@@ -23,19 +23,17 @@ import math
 import torch
 import torch.distributed as dist
 
+from megatron_irl.cpu_support import current_device
+
 
 class NonFiniteTrainingError(RuntimeError):
     """Too many steps in a row had a non-finite loss or gradient norm, or the weights
     became non-finite; the run stops without saving."""
 
 
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def all_ranks_true(local: bool) -> bool:
     """Whether ``local`` holds on every rank of the world group (one all-reduce, MIN)."""
-    flag = torch.tensor([int(local)], device=_device())
+    flag = torch.tensor([int(local)], device=current_device())
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 

@@ -3,7 +3,7 @@
 Every objective is called as ``objective(output, batch) -> (loss_sum, num_tokens, metric_sums)``
 on the last pipeline stage: ``output`` is the model's, logits ``[b, s, v/tp]`` or, with
 ``--fused-output-loss``, ``HiddenStatesAndWeight`` (hidden ``[b, s, h]`` and the output weight
-``[v/tp, h]``, see ``megatron_irl.training.model``); ``batch`` is the micro-batch dict. It
+``[v/tp, h]``, see ``megatron_irl.core.model``); ``batch`` is the micro-batch dict. It
 returns the *sum* of per-token losses and the number of trained tokens; with
 ``TransformerConfig.calculate_per_token_loss`` the schedule adds up the token counts of all
 micro-batches and data-parallel ranks and divides the gradients by that total, so the average

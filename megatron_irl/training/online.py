@@ -34,6 +34,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_irl.config import TrainConfig
+from megatron_irl.cpu_support import current_device
 from megatron_irl.loss import discriminator_loss, gail_policy_loss, gail_reward, online_soft_q_loss
 from megatron_irl.loss.soft_q import td_active_mask
 from megatron_irl.training.discriminator import TokenDiscriminator
@@ -127,8 +128,7 @@ class DiscriminatorTrainer:
                                        hidden_size=gail.disc_hidden_size,
                                        num_layers=gail.disc_num_layers,
                                        num_heads=gail.disc_num_heads)
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        self.model = model.to(device)
+        self.model = model.to(current_device())
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=gail.disc_lr)
 
     def step(self) -> None:

@@ -6,7 +6,7 @@ from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_mega
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_irl.config import TrainConfig
-from megatron_irl.training.model import half_precision_dtype
+from megatron_irl.core.model import half_precision_dtype
 
 
 def build_optimizer(cfg: TrainConfig, model_chunks: list) -> MegatronOptimizer:

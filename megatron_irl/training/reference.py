@@ -32,9 +32,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_irl.config import TrainConfig
-from megatron_irl.data import block_causal_attention_mask
-from megatron_irl.loss import vocab_parallel_soft_q_loss
-from megatron_irl.training.checkpoint import (
+from megatron_irl.core.checkpoint import (
     CheckpointError,
     TrainingState,
     latest_iteration,
@@ -42,7 +40,10 @@ from megatron_irl.training.checkpoint import (
     read_saved_state,
     save_checkpoint,
 )
-from megatron_irl.training.model import build_model_chunks, target_device
+from megatron_irl.core.model import build_model_chunks
+from megatron_irl.cpu_support import current_device
+from megatron_irl.data import block_causal_attention_mask
+from megatron_irl.loss import vocab_parallel_soft_q_loss
 
 REFERENCE_DIRNAME = "gail_reference"
 
@@ -127,7 +128,7 @@ class ReferencePolicy:
         Collective over the TP and PP groups: the forward-only schedule, then a broadcast of
         ``[R, s]`` fp32 from the last pipeline stage.
         """
-        device = target_device()
+        device = current_device()
         fields = ("tokens", "labels", "policy_mask", "terminal", "position_ids", "document_ids")
         micro_batches = [{name: rows[name][start:start + rows_per_micro_batch].to(device)
                           for name in fields}

@@ -43,8 +43,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_irl.config import TrainConfig
+from megatron_irl.cpu_support import current_device
 from megatron_irl.data import DataError, SFTDataset, Tokenizer
-from megatron_irl.evaluation.generation import Generator, SamplingParams
+from megatron_irl.inference.generation import Generator, SamplingParams
 
 SAMPLES_FILENAME = "policy_samples.pt"
 POLICY_FIELDS = ("policy_mask", "sample_log_prob", "ref_log_prob")
@@ -127,14 +128,9 @@ def save_synced(obj, path: str) -> None:
         os.fsync(file.fileno())
 
 
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
-
-
 def all_reduce_dp(values: list[float]) -> list[float]:
     """Sums of ``values`` over the data-parallel group (one all-reduce)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=_device())
+    tensor = torch.tensor(values, dtype=torch.float64, device=current_device())
     dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
     return tensor.tolist()
 
@@ -282,7 +278,7 @@ class PolicySampler:
         if tensor.dtype == torch.bool:  # not every backend reduces or gathers bool
             return PolicySampler._gather(tensor.to(torch.uint8)).bool()
         group = parallel_state.get_data_parallel_group()
-        local = tensor.to(_device()).contiguous()
+        local = tensor.to(current_device()).contiguous()
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, local, group=group)
         return torch.cat(parts).cpu()

@@ -13,7 +13,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from megatron_irl.config import ParallelConfig
-from megatron_irl.platform import device_problem, enable_cpu_support
+from megatron_irl.cpu_support import device_problem, enable_cpu_support
 
 
 def launch_environment(env=os.environ) -> tuple[int, int, int]:
@@ -34,7 +34,7 @@ def init_distributed(parallel: ParallelConfig, seed: int, device: str = "auto") 
 
     MASTER_ADDR / MASTER_PORT come from the launcher (torchrun, or the Slurm batch script);
     a single process needs neither. ``device`` is --device: a launch that asked for GPUs
-    (``platform.requested_gpus``) where CUDA is missing raises DeviceError rather than
+    (``cpu_support.requested_gpus``) where CUDA is missing raises DeviceError rather than
     falling back to the CPU.
     """
     problem = device_problem(device, os.environ, torch.cuda.is_available())

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.inference.contexts import StaticInferenceContext
 
+from megatron_irl.cpu_support import current_device
 from megatron_irl.data import block_causal_attention_mask
 
 
@@ -112,7 +113,7 @@ class Generator:
 
     Args:
         model: this rank's GPTModel (built without virtual pipeline stages), in eval mode.
-        vocab_size: the real vocabulary (``planning.real_vocab_size``); the softmax, the
+        vocab_size: the real vocabulary (``core.vocabulary.real_vocab_size``); the softmax, the
             log-probabilities and the entropy cover it only: the padded logits beyond it
             are never chosen.
         eos_id: the token that ends a response.
@@ -138,8 +139,7 @@ class Generator:
         config = model.config
         self.hidden_size = config.hidden_size
         self.pipeline_dtype = config.pipeline_dtype or config.params_dtype
-        self.device = torch.device("cuda", torch.cuda.current_device()) \
-            if torch.cuda.is_available() else torch.device("cpu")
+        self.device = current_device()
 
     # ------------------------------------------------------------------ one forward
 

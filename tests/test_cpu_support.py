@@ -14,8 +14,8 @@ import sys
 import pytest
 import torch
 
-from megatron_irl import platform as cpu_platform
-from megatron_irl.platform import enable_cpu_support
+from megatron_irl import cpu_support
+from megatron_irl.cpu_support import enable_cpu_support
 from megatron_irl.testing import RankTraceback, run_distributed
 
 WORLD_SIZE = 2
@@ -287,7 +287,7 @@ def _process_id():
 
 def test_enable_cpu_support_is_a_no_op_when_cuda_is_available(monkeypatch):
     # As in a fresh process, even if a test before this one enabled it in pytest's.
-    monkeypatch.setattr(cpu_platform, "_active", False)
+    monkeypatch.setattr(cpu_support, "_active", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     current_device = torch.cuda.current_device
     modules_before = set(sys.modules)

@@ -31,8 +31,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_irl.config import TrainConfig
 from megatron_irl.config_online import SAMPLING_LOSSES
-from megatron_irl.planning import padded_vocab_size
-from megatron_irl.platform import transformer_engine_problem
+from megatron_irl.core.vocabulary import padded_vocab_size
+from megatron_irl.cpu_support import current_device, transformer_engine_problem
 
 
 def half_precision_dtype(training) -> torch.dtype:
@@ -212,13 +212,6 @@ class HiddenStatesGPTModel(GPTModel):
         return HiddenStatesAndWeight(hidden_states.transpose(0, 1).contiguous(), weight)
 
 
-def target_device() -> torch.device:
-    """Where this rank's model lives: its GPU (set by ``init_distributed``), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def place_model(chunk: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
     """Move every parameter and buffer of ``chunk`` to ``device`` and, with --bf16 / --fp16,
     cast the floating-point ones to ``dtype`` (in place).
@@ -235,15 +228,15 @@ def place_model(chunk: torch.nn.Module, device: torch.device, dtype: torch.dtype
 def build_model_chunks(cfg: TrainConfig, vocab_size: int, device: torch.device | None = None,
                        thd: bool = False) -> list[GPTModel]:
     """This rank's model: one GPTModel per virtual pipeline stage (one without interleaving),
-    every parameter and buffer on ``device`` (default: ``target_device()``) in the dtype of
+    every parameter and buffer on ``device`` (default: ``current_device()``) in the dtype of
     --bf16 / --fp16 (float32 otherwise). ``thd``: attention for THD inputs (``uses_thd``);
     otherwise for block-causal masks (inference, the local spec).
 
-    ``vocab_size`` is the real vocabulary (``planning.real_vocab_size``); the embedding and
+    ``vocab_size`` is the real vocabulary (``core.vocabulary.real_vocab_size``); the embedding and
     output layer get it padded to equal TP shards. Each chunk records it as
     ``real_vocab_size`` (the checkpoint stores it with the architecture).
     """
-    device = device or target_device()
+    device = device or current_device()
     config = transformer_config(cfg)
     spec = layer_spec(cfg, thd)
     padded = padded_vocab_size(

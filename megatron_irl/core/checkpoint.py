@@ -88,7 +88,7 @@ from megatron.core.optimizer import DistributedOptimizer
 from megatron.core.utils import unwrap_model
 
 from megatron_irl.config import ModelConfig
-from megatron_irl.training.checkpoint_files import (  # noqa: F401 (this module's interface)
+from megatron_irl.core.checkpoint_files import (  # noqa: F401 (this module's interface)
     STATE_FILENAME,
     TRACKER_FILENAME,
     CheckpointError,
@@ -103,7 +103,7 @@ from megatron_irl.training.checkpoint_files import (  # noqa: F401 (this module'
     write_file_synced,
     write_manifest,
 )
-from megatron_irl.training.extra_state import load_across_specs
+from megatron_irl.core.extra_state import load_across_specs
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +346,7 @@ def model_architecture(model) -> dict:
         "max_position_embeddings": model.max_sequence_length if learned_positions else None,
         "untie_embeddings_and_output_weights": not model.share_embeddings_and_output_weights,
         "padded_vocab_size": model.vocab_size,
-        # The real vocabulary below the padding (training.model.build_model_chunks).
+        # The real vocabulary below the padding (core.model.build_model_chunks).
         "vocab_size": model.real_vocab_size,
     }
 

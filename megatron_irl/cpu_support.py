@@ -128,6 +128,14 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 _NO_GPU_VALUES = ("", "-1", "none", "NoDevFiles")
 
 
+def current_device() -> torch.device:
+    """The device this rank computes on: its GPU (``torch.cuda.set_device`` by
+    ``init_distributed``), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def requested_gpus(env) -> str | None:
     """The first environment variable in ``env`` by which the launch asked for GPUs, as
     ``NAME=value``; None when it asked for none.

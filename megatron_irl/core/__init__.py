@@ -1,0 +1,1 @@
+"""The core layer: model building, checkpoints, distributed set-up, vocabulary padding."""

@@ -1,0 +1,314 @@
+"""Helpers shared by the tests: inputs, references, tolerances and launches.
+
+Tests import from here, never from each other. Sections: the data pipeline's character
+tokenizer; Hugging Face tokenizers; the tiny checkpoint for inference; the loss tests' batches,
+tolerances and references; launches of the trainer on the tiny configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+
+from megatron_irl import SoftQLossOutput, soft_q_loss_reference, vocab_parallel_soft_q_loss
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "examples" / "tiny.yaml"
+GOLDEN = REPO / "tests" / "golden"
+
+
+# ------------------------------------------------------------------ the data pipeline
+
+PAD, BOS, EOS = 0, 1, 2
+ALPHABET = "\n" + "".join(chr(c) for c in range(32, 127))  # newline and printable ASCII
+
+
+class CharTokenizer:
+    """One id per character: id = 3 + ALPHABET.index(c); 0/1/2 = pad/bos/eos."""
+
+    def __init__(self, bos: bool = True):
+        self.eos_id, self.pad_id = EOS, PAD
+        self.bos_id = BOS if bos else None
+        self.vocab_size = 3 + len(ALPHABET)
+        self.chat_template = None  # chat records: the built-in rendering
+
+    def encode(self, text: str) -> list[int]:
+        return [3 + ALPHABET.index(c) for c in text]
+
+    def decode(self, ids) -> str:
+        return "".join(ALPHABET[i - 3] for i in ids if i >= 3)
+
+
+def ids(text: str) -> list[int]:
+    """The CharTokenizer ids of `text`."""
+    return CharTokenizer().encode(text)
+
+
+def write_jsonl(path, records) -> str:
+    """Write records (dicts, or raw strings written as-is) one per line; returns the path."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+# ------------------------------------------------------------------ Hugging Face tokenizers
+
+SPECIALS = ["<unk>", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+            "<|end_header_id|>", "<|eot_id|>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_tokenizer(directory: str, vocab_size: int = 256, chat_template: str | None = None):
+    """A character-level tokenizer of printable ASCII, the Llama 3 and ChatML special tokens
+    and reserved special tokens up to ``vocab_size``, saved (with ``chat_template`` in its
+    tokenizer_config.json when given); BOS <|begin_of_text|>, EOS <|end_of_text|>.
+    Returns the transformers tokenizer."""
+    import transformers
+    from tokenizers import AddedToken, Tokenizer, models
+
+    characters = list(string.printable[:95])  # includes "\n"
+    reserved = [f"<|reserved_{i}|>" for i in range(vocab_size - len(SPECIALS) - 95)]
+    vocab = {token: i for i, token in enumerate(SPECIALS + characters + reserved)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in SPECIALS + reserved])
+    hf_tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+        unk_token="<unk>")
+    if chat_template is not None:
+        hf_tokenizer.chat_template = chat_template
+    hf_tokenizer.save_pretrained(directory)
+    return hf_tokenizer
+
+
+def make_ascii_tokenizer(directory: str) -> int:
+    """A character-level tokenizer of the printable ASCII characters plus <unk> <s> </s>,
+    saved to ``directory``; returns its size (98)."""
+    import transformers
+    from tokenizers import Tokenizer, models
+
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials + list(string.printable[:95]))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+    ).save_pretrained(directory)
+    return len(vocab)
+
+
+# ------------------------------------------------------------------ the tiny checkpoint
+
+def tiny_config(tp: int = 1, pp: int = 1):
+    """The bundled tiny configuration, ready for inference at TP ``tp`` and PP ``pp``."""
+    from megatron_irl.arguments import load_yaml_config
+    from megatron_irl.config import TrainConfig
+    from megatron_irl.evaluation.loading import inference_config
+
+    data, _ = load_yaml_config(str(REPO / "examples" / "tiny.yaml"))
+    return inference_config(TrainConfig.from_dict(data), tp, pp)
+
+
+def save_random_model(directory: str) -> None:
+    """Save the tiny configuration with random weights (TP 1) to ``directory``."""
+    from megatron_irl.core.checkpoint import TrainingState, save_checkpoint
+    from megatron_irl.core.model import build_model_chunks
+
+    cfg = tiny_config()
+    chunks = build_model_chunks(cfg, tiny_tokenizer().vocab_size)
+    save_checkpoint(directory, TrainingState(0, 0, cfg.to_dict()), chunks, None, None)
+
+
+def tiny_tokenizer():
+    from megatron_irl.data import load_tokenizer
+
+    return load_tokenizer(str(REPO / "examples" / "data" / "tokenizer.model"))
+
+
+# ------------------------------------------------------------------ loss inputs and references
+
+# The fused loss upcasts its input exactly and computes in fp32, so against a float64 reference
+# on the same input values every output, for fp32 and bf16 logits alike, is off by fp32
+# rounding only. That error scales with the magnitudes an element was computed from, not with
+# the element: nll = V - z[a] and delta = z[a] - gamma * V' cancel (a confident token's nll
+# of 5e-8 comes out as 0 in fp32, in Megatron's cross entropy too). So the absolute slack is
+# relative to the largest |V| (which bounds |z[a]|) and the largest element of the tensor:
+# |actual - expected| <= RTOL * (|expected| + max |expected| + max |V|), RTOL about 80 fp32 ulps.
+# The logit gradient is a few products of softmax entries with per-token coefficients; its
+# slack is relative to its own largest element.
+FP32_RTOL = 1e-5
+
+
+# The gradient of bf16 logits is returned in bf16: the fp32 gradient (error as above) is rounded
+# to 8 significant bits, a relative error of at most 2^-9; 2^-8 also covers an fp32 error that
+# moves a value across a rounding boundary. fp16 keeps 11 bits (2^-12), so 2^-10 likewise.
+GRAD_RTOL = {torch.float32: FP32_RTOL, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
+
+
+IGNORE = -100  # Megatron's / Hugging Face's label at untrained positions
+
+
+LAM_GAMMA = [(0.0, 1.0), (0.1, 1.0), (1.0, 0.99), (2.0, 0.0), (0.5, 0.5)]
+
+
+class Batch(NamedTuple):
+    """Loss inputs; ``logits`` are fp32 ``[b, s, v]``, ``upstream`` fp32 ``[4, b, s]``."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    terminal: torch.Tensor
+    upstream: torch.Tensor
+
+
+def make_batch(b, s, v, *, seed, scale=3.0, p_trained=0.7, p_terminal=0.2) -> Batch:
+    """Random inputs: IGNORE labels at untrained positions, terminals anywhere."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, s, v, generator=gen) * scale
+    trained = torch.rand(b, s, generator=gen) < p_trained
+    labels = torch.where(trained, torch.randint(0, v, (b, s), generator=gen), IGNORE)
+    terminal = torch.rand(b, s, generator=gen) < p_terminal
+    upstream = torch.randn(4, b, s, generator=gen)
+    return Batch(logits, labels, trained.float(), terminal, upstream)
+
+
+def upstream_only_on(batch: Batch, *fields: str) -> Batch:
+    """``batch`` with the upstream gradient of every output not named in ``fields`` zeroed."""
+    keep = torch.tensor([float(name in fields) for name in SoftQLossOutput._fields])
+    return batch._replace(upstream=batch.upstream * keep[:, None, None])
+
+
+def weighted_sum(out: SoftQLossOutput, upstream: torch.Tensor) -> torch.Tensor:
+    """A scalar whose backward sends ``upstream[i]`` into output field i."""
+    return sum((field * grad.to(field.dtype)).sum() for field, grad in zip(out, upstream))
+
+
+def run_fused(logits, batch, *, lam, gamma, stop_value_grad=False, tp_group=None):
+    """The fused loss on a clone of ``logits`` (any dtype, possibly a vocab shard).
+
+    Returns (outputs, gradient w.r.t. the logits) after backward with ``batch.upstream``.
+    """
+    logits = logits.clone().requires_grad_()
+    out = vocab_parallel_soft_q_loss(
+        logits, batch.labels, batch.loss_mask, batch.terminal,
+        lam=lam, gamma=gamma, tp_group=tp_group, stop_value_grad=stop_value_grad,
+    )
+    weighted_sum(out, batch.upstream).backward()
+    return SoftQLossOutput(*(field.detach() for field in out)), logits.grad.clone()
+
+
+def run_reference(logits, batch, *, lam, gamma, stop_value_grad=False):
+    """The reference in float64 on the same logit values; returns (outputs, gradient)."""
+    logits = logits.double().requires_grad_()
+    out = soft_q_loss_reference(
+        logits, batch.labels, batch.loss_mask.double(), batch.terminal,
+        lam=lam, gamma=gamma, stop_value_grad=stop_value_grad,
+    )
+    weighted_sum(out, batch.upstream.double()).backward()
+    return SoftQLossOutput(*(field.detach() for field in out)), logits.grad
+
+
+def assert_close_scaled(actual, expected, rtol, what, scale=0.0):
+    """|actual - expected| <= rtol * (|expected| + max |expected| + scale), element-wise."""
+    expected = expected.double()
+    atol = rtol * (expected.abs().max().item() + scale) if expected.numel() else 0.0
+    torch.testing.assert_close(
+        actual.double(), expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def assert_outputs_close(actual: SoftQLossOutput, expected: SoftQLossOutput, what=""):
+    value_scale = expected.value.abs().max().item() if expected.value.numel() else 0.0
+    for name, a, e in zip(SoftQLossOutput._fields, actual, expected):
+        assert a.dtype == torch.float32, f"{what} {name} is {a.dtype}, documented fp32"
+        assert_close_scaled(a, e, FP32_RTOL, f"{what} {name}", scale=value_scale)
+
+
+class OnlineBatch(NamedTuple):
+    logits: torch.Tensor  # fp32 [b, s, v]
+    labels: torch.Tensor
+    loss_mask: torch.Tensor  # expert tokens
+    policy_mask: torch.Tensor
+    terminal: torch.Tensor
+    upstream: torch.Tensor  # [6, b, s]
+
+
+def make_online_batch(b, s, v, *, seed, p_policy=0.5, **kwargs) -> OnlineBatch:
+    base = make_batch(b, s, v, seed=seed, **kwargs)
+    gen = torch.Generator().manual_seed(seed + 1)
+    is_policy = torch.rand(b, s, generator=gen) < p_policy
+    upstream = torch.randn(6, b, s, generator=gen)
+    return OnlineBatch(base.logits, base.labels, base.loss_mask * ~is_policy,
+                       base.loss_mask * is_policy, base.terminal, upstream)
+
+
+# ------------------------------------------------------------------ trainer launches
+
+SHORT_RUN = [
+    "--train-iters", "4", "--lr-warmup-iters", "1", "--log-interval", "1",
+    "--micro-batch-size", "2", "--global-batch-size", "8", "--progress-bar", "off",
+    "--tensorboard-dir", "", "--valid-data-path", "", "--save", "", "--save-interval", "",
+]
+
+
+def train_command(nproc: int, flags: list[str]) -> list[str]:
+    """The command line of ``megatron_irl.train`` on the tiny configuration, ``nproc`` ranks."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
+    return launcher + ["-m", "megatron_irl.train", "--config", str(TINY), *flags]
+
+
+def train_env() -> dict:
+    """The environment of a launched training run: one thread, no inherited rank."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    return env
+
+
+def run_train(tmp_path: Path, nproc: int, *flags: str, name: str = "run",
+              save: bool = False) -> list[dict]:
+    """Run the trainer; return the training steps' scalars from its metrics file.
+
+    With ``save`` the final checkpoint goes to ``tmp_path / f"{name}_ckpt"``.
+    """
+    metrics = tmp_path / f"{name}.metrics.jsonl"
+    save_flags = ["--save", str(tmp_path / f"{name}_ckpt")] if save else []
+    result = subprocess.run(
+        train_command(nproc, [*SHORT_RUN, *save_flags, "--metrics-file", str(metrics), *flags]),
+        cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    steps = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [step for step in steps if step["split"] == "train"]
+
+
+def losses(steps: list[dict]) -> dict[int, float]:
+    return {step["iteration"]: step["loss"] for step in steps}
+
+
+def assert_same_losses(actual: dict, expected: dict, rel: float = 1e-5) -> None:
+    assert actual.keys() == expected.keys()
+    for iteration in actual:
+        assert actual[iteration] == pytest.approx(expected[iteration], rel=rel), iteration
+
+
+def assert_golden_losses(name: str, steps: list[dict]) -> None:
+    """The run's losses are those pinned in ``tests/golden/<name>.json`` (rel 1e-4, for other
+    CPUs' float rounding): catches silent numerical changes of an objective.
+
+    After a deliberate numerical change, ``MEGATRON_IRL_WRITE_GOLDEN=1 pytest -k golden``
+    rewrites the files from the runs (review the diff before committing it).
+    """
+    path = GOLDEN / f"{name}.json"
+    if os.environ.get("MEGATRON_IRL_WRITE_GOLDEN") == "1":
+        path.write_text(json.dumps({str(k): v for k, v in losses(steps).items()}, indent=1)
+                        + "\n")
+    expected = {int(k): v for k, v in json.loads(path.read_text()).items()}
+    assert_same_losses(losses(steps), expected, rel=1e-4)

@@ -69,17 +69,14 @@ import dataclasses
 import json
 import logging
 import os
-import random
 import shutil
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies.fully_parallel import (
     FullyParallelSaveStrategyWrapper,
@@ -104,12 +101,12 @@ from megatron_irl.core.checkpoint_files import (  # noqa: F401 (this module's in
     write_manifest,
 )
 from megatron_irl.core.extra_state import load_across_specs
+from megatron_irl.core.rng_state import restore_rng, rng_sharded_state_dict
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILENAME = "config.yaml"
 FORMAT_VERSION = 1
-_RNG_PREFIX = "rng_state."
 # The distributed optimizer's checkpoint formats (megatron-core's
 # ``distrib_optim_sharding_type``; its default in 0.16 cannot be saved at all):
 # "fully_reshardable" stores one canonical tensor per parameter and state, loadable at any
@@ -205,7 +202,7 @@ def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, opt
         return directory
 
     model_state = _model_sharded_state_dict(model_chunks)
-    sharded_state = {**model_state, **_rng_sharded_state_dict()}
+    sharded_state = {**model_state, **rng_sharded_state_dict(_rank_coordinates())}
     if scheduler is not None:
         sharded_state["opt_param_scheduler"] = scheduler.state_dict()
     if has_optimizer_state:
@@ -288,9 +285,9 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, scheduler
         _check_optimizer_state_loadable(optimizer)
         sharded_state["optimizer"] = optimizer.sharded_state_dict(
             model_state, is_loading=True, metadata=_optimizer_metadata(optimizer_format))
-    restore_rng = load_rng and _same_layout_for_rng(saved["parallel_layout"])
-    if restore_rng:
-        sharded_state.update(_rng_sharded_state_dict())
+    rng_restored = load_rng and _same_layout_for_rng(saved["parallel_layout"])
+    if rng_restored:
+        sharded_state.update(rng_sharded_state_dict(_rank_coordinates()))
 
     try:
         result = load_across_specs(sharded_state, directory, dict(zip(model_state, models)))
@@ -317,8 +314,8 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, scheduler
         optimizer.reload_model_params()
     if load_optimizer and scheduler is not None and "opt_param_scheduler" in loaded:
         scheduler.load_state_dict(loaded["opt_param_scheduler"])
-    if restore_rng:
-        _restore_rng(loaded)
+    if rng_restored:
+        restore_rng(loaded)
     return TrainingState(saved["iteration"], saved["consumed_samples"], saved["config"])
 
 
@@ -461,58 +458,6 @@ def _same_layout_for_rng(saved_layout: dict) -> bool:
         log.warning("parallel layout changed since the checkpoint (%s -> %s): not restoring "
                     "the RNG states, whose ranks do not correspond", saved_layout, current)
     return False
-
-
-def _rng_states() -> dict[str, torch.Tensor]:
-    """This process's random states as 1-D CPU tensors of fixed length, by name."""
-    _, python_words, python_gauss = random.getstate()  # 624 words + position, cached gauss
-    _, numpy_words, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
-    states = {
-        "python_mt": torch.tensor(python_words, dtype=torch.int64),
-        "python_gauss": torch.tensor([python_gauss is not None, python_gauss or 0.0],
-                                     dtype=torch.float64),
-        "numpy_mt": torch.tensor([*numpy_words.tolist(), numpy_pos], dtype=torch.int64),
-        "numpy_gauss": torch.tensor([numpy_has_gauss, numpy_gauss], dtype=torch.float64),
-        "torch_cpu": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        states["torch_cuda"] = torch.cuda.get_rng_state()
-    for name, tracker_state in tensor_parallel.get_cuda_rng_tracker().get_states().items():
-        if not isinstance(tracker_state, torch.Tensor):
-            raise CheckpointError(f"RNG tracker state {name!r} is a {type(tracker_state)}, not a "
-                                  "tensor (CUDA-graph-safe RNG states are not checkpointed)")
-        states[f"tracker.{name}"] = tracker_state.clone()
-    return states
-
-
-def _rng_sharded_state_dict() -> dict[str, ShardedTensor]:
-    """Each RNG state as a ShardedTensor: local [n] at (pp_rank, tp_rank, dp_rank) of a
-    global [pp, tp, dp*cp, n] tensor; every rank owns its shard (replica 0)."""
-    offsets = [(axis, rank, size) for axis, (rank, size) in enumerate(_rank_coordinates())]
-    return {
-        _RNG_PREFIX + name: ShardedTensor.from_rank_offsets(
-            _RNG_PREFIX + name, state, *offsets, replica_id=0, prepend_axis_num=len(offsets))
-        for name, state in _rng_states().items()
-    }
-
-
-def _restore_rng(loaded: dict) -> None:
-    """Set this process's random states from the ``rng_state.*`` entries of ``loaded``."""
-    states = {k[len(_RNG_PREFIX):]: v.clone() for k, v in loaded.items()
-              if k.startswith(_RNG_PREFIX)}
-    python_gauss = states["python_gauss"].tolist()
-    random.setstate((3, tuple(states["python_mt"].tolist()),
-                     python_gauss[1] if python_gauss[0] else None))
-    numpy_mt = states["numpy_mt"]
-    numpy_has_gauss, numpy_gauss = states["numpy_gauss"].tolist()
-    np.random.set_state(("MT19937", numpy_mt[:-1].numpy().astype(np.uint32), int(numpy_mt[-1]),
-                         int(numpy_has_gauss), numpy_gauss))
-    torch.set_rng_state(states["torch_cpu"])
-    if torch.cuda.is_available() and "torch_cuda" in states:
-        torch.cuda.set_rng_state(states["torch_cuda"])
-    tracker_prefix = "tracker."
-    tensor_parallel.get_cuda_rng_tracker().set_states(
-        {k[len(tracker_prefix):]: v for k, v in states.items() if k.startswith(tracker_prefix)})
 
 
 # ------------------------------------------------------------------------ files

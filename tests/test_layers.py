@@ -18,8 +18,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "megatron_irl"
 # (layer, {part: modules under megatron_irl}, parts independent of each other)
 LAYERS = [
     ("foundation", {"cpu_support": ["cpu_support"], "data": ["data"], "loss": ["loss"]}, True),
-    ("configuration", {"configuration": ["config", "config_schema", "config_online",
-                                         "arguments"]}, False),
+    ("configuration", {"configuration": ["config", "config_model", "config_schema",
+                                         "config_online", "arguments"]}, False),
     ("core", {"core": ["core", "planning", "testing"]}, False),
     ("inference", {"inference": ["inference"]}, False),
     ("applications", {"training": ["training"], "evaluation": ["evaluation"],

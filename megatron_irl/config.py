@@ -217,11 +217,16 @@ class TrainingConfig(_Section):
                               f"be unset unless {self.flag('recompute_granularity')} is full")
 
 
+# The objectives --irl-loss chooses from; training/objectives/ registers one class for each name
+# (configuration does not import training: tests/test_objective.py checks the two agree).
+OBJECTIVE_NAMES = ("soft_q", "mle_entropy", "online", "gail")
+
+
 @dataclass
 class IRLConfig(_Section):
     """The fine-tuning objective (docs/method.md sections 2 and 4)."""
 
-    loss: Literal["soft_q", "mle_entropy", "online", "gail"] = _opt(
+    loss: Literal[OBJECTIVE_NAMES] = _opt(
         "soft_q", "--irl-loss",
         "soft_q: MLE + lambda * TD^2 (inverse soft-Q); mle_entropy: MLE - coef * entropy baseline; "
         "online: soft_q with the policy's samples mixed in (--online-*); gail: GAIL (--gail-*).")

@@ -1,10 +1,23 @@
-"""The training objective's lambda schedule and its Megatron loss-function contract."""
+"""The objective registry, the lambda schedule and the Megatron loss-function contract."""
 
 import pytest
 import torch
 
-from megatron_irl.config import IRLConfig
-from megatron_irl.training.objective import Objective, lambda_at, metric_means
+from megatron_irl.config import OBJECTIVE_NAMES, IRLConfig
+from megatron_irl.config_online import SAMPLING_LOSSES
+from megatron_irl.training.objectives import OBJECTIVES, SoftQObjective, lambda_at
+
+
+def test_the_registry_has_one_objective_per_irl_loss_choice():
+    assert tuple(OBJECTIVES) == OBJECTIVE_NAMES
+    assert all(cls.name == name for name, cls in OBJECTIVES.items())
+
+
+def test_the_sampling_objectives_are_the_configuration_s_sampling_losses():
+    sampling = tuple(name for name, cls in OBJECTIVES.items() if cls.samples_policy)
+    assert sampling == SAMPLING_LOSSES
+    assert all(("policy_mask" in cls.batch_fields) == cls.samples_policy
+               for cls in OBJECTIVES.values())
 
 
 def test_lambda_ramps_linearly_over_the_warmup_then_stays():
@@ -34,10 +47,10 @@ def _batch(b=2, s=5, v=7):
 
 def test_objective_returns_the_loss_sum_and_the_trained_token_count():
     logits, batch = _batch()
-    loss_sum, num_tokens, metric_sums = Objective(IRLConfig(irl_lambda=0.5), 0)(logits, batch)
+    loss_sum, num_tokens, metric_sums = SoftQObjective(IRLConfig(irl_lambda=0.5), 0)(logits, batch)
     assert num_tokens.dtype == torch.int and int(num_tokens) == 7
-    means = metric_means(metric_sums)
+    means = SoftQObjective.means({name: float(value) for name, value in metric_sums.items()})
     assert means["trained_tokens"] == 7
     assert float(loss_sum) == pytest.approx(means["loss"] * 7, rel=1e-6)
     assert means["loss"] == pytest.approx(means["nll"] + 0.5 * means["td_squared"]
-                                          * metric_sums[-1].item() / 7, rel=1e-5)
+                                          * metric_sums["td_tokens"].item() / 7, rel=1e-5)

@@ -3,17 +3,18 @@
 ``POISONED_STEPS=2,3`` (1-based step numbers) multiplies the last stage's logits by NaN in
 those steps, as a diverging model or a bad batch would: the loss, the metrics and (through
 backward, on every pipeline stage) the gradients become NaN. Everything else is the real
-trainer; the arguments are its flags.
+trainer with the ``soft_q`` objective (registered in place of the real one); the arguments are
+its flags.
 """
 
 import os
 import sys
 
 from megatron_irl import train
-from megatron_irl.training import loop
+from megatron_irl.training.objectives import OBJECTIVES, SoftQObjective
 
 
-class _PoisonedObjective(loop.Objective):
+class _PoisonedObjective(SoftQObjective):
     steps = frozenset(int(step) for step in os.environ.get("POISONED_STEPS", "").split(",")
                       if step)
 
@@ -26,5 +27,5 @@ class _PoisonedObjective(loop.Objective):
 
 
 if __name__ == "__main__":
-    loop.Objective = _PoisonedObjective
+    OBJECTIVES["soft_q"] = _PoisonedObjective
     sys.exit(train.main())

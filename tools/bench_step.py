@@ -104,7 +104,7 @@ class MegatronCrossEntropy:
         loss_mask = batch["loss_mask"]
         per_token = vocab_parallel_cross_entropy(logits, batch["labels"]) * loss_mask
         tokens = (loss_mask > 0).sum()
-        return per_token.sum(), tokens.to(torch.int), per_token.detach().sum().reshape(1)
+        return per_token.sum(), tokens.to(torch.int), {"loss": per_token.detach().sum()}
 
 
 def _synchronize() -> None:
@@ -141,7 +141,7 @@ def time_objectives(trainable, cfg, micro_batches, objectives, repeats, deadline
             _synchronize()
             if repeat:
                 result["seconds"].append(time.perf_counter() - start)
-            result["loss_sums"].append(metric_sums[0])  # read after the timing: a device sync
+            result["loss_sums"].append(metric_sums["loss"])  # read after the timing: a device sync
             if torch.cuda.is_available():
                 result["peak_bytes"] = max(result["peak_bytes"] or 0,
                                            torch.cuda.max_memory_allocated())
@@ -175,7 +175,7 @@ def measure(args, deadline=None) -> dict:
     from megatron_irl.config import IRLConfig
     from megatron_irl.core.distributed import init_distributed, shutdown_distributed
     from megatron_irl.training.loop import build_trainable
-    from megatron_irl.training.objective import Objective
+    from megatron_irl.training.objectives import SoftQObjective
 
     os.environ.setdefault("MASTER_PORT", "29710")
     cfg = step_config(args)
@@ -183,8 +183,8 @@ def measure(args, deadline=None) -> dict:
     try:
         trainable = build_trainable(cfg, args.vocab)
         objectives = {
-            "mle": Objective(IRLConfig(irl_lambda=0.0), iteration=0),
-            "irl": Objective(IRLConfig(irl_lambda=args.irl_lambda), iteration=0),
+            "mle": SoftQObjective(IRLConfig(irl_lambda=0.0), iteration=0),
+            "irl": SoftQObjective(IRLConfig(irl_lambda=args.irl_lambda), iteration=0),
             "mle_megatron": MegatronCrossEntropy(),
         }
         results = time_objectives(trainable, cfg, synthetic_micro_batches(args), objectives,

@@ -4,9 +4,10 @@ One step: this rank's micro-batches of the global batch go through Megatron-Core
 schedule (``get_forward_backward_func``: no pipelining, 1F1B or interleaved), the objective
 runs on the last pipeline stage, ``finalize_model_grads`` reduces gradients over data
 parallelism and divides them by the global batch's trained-token count, and Megatron's
-optimizer clips and steps. With ``--irl-loss online`` / ``gail`` (``training/online.py``) each
-step first draws or reuses the policy's samples, which join every micro-batch as extra rows,
-and the objective is the online one.
+optimizer clips and steps. The objective is the ``--irl-loss`` class of the registry
+(``training/objectives/``), built afresh each step; one that samples the policy
+(``Objective.samples_policy``: ``training/online.py``) first draws or reuses the policy's
+samples, which join every micro-batch as extra rows.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_irl.config import TrainConfig
-from megatron_irl.config_online import SAMPLING_LOSSES
 from megatron_irl.core.checkpoint import (
     TrainingState,
     iteration_dir,
@@ -58,7 +58,7 @@ from megatron_irl.training.nonfinite import (
     optimizer_step,
     weights_are_finite,
 )
-from megatron_irl.training.objective import Objective, metric_means
+from megatron_irl.training.objectives import OBJECTIVES, Objective
 from megatron_irl.training.online import OnlineTraining
 from megatron_irl.training.optimizer import (
     SCHEDULE_FIELDS,
@@ -104,8 +104,8 @@ def _loss_on_rows(output, objective: Objective, batch: dict, rows: int):
 
 
 def _run_schedule(model, micro_batches, objective, cfg: TrainConfig, forward_only: bool):
-    """Metric sums over this rank's micro-batches, all-reduced over data parallelism
-    (a ``[len(METRICS)]`` tensor on the last pipeline stage, None elsewhere)."""
+    """The objective's named metric sums over this rank's micro-batches, all-reduced over data
+    parallelism (on the last pipeline stage; None elsewhere)."""
     thd = uses_thd(cfg)
     rows = micro_batches[0]["tokens"].shape[0]  # --micro-batch-size, plus online policy rows
     per_micro_batch = get_forward_backward_func()(
@@ -122,9 +122,11 @@ def _run_schedule(model, micro_batches, objective, cfg: TrainConfig, forward_onl
     )
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
-    metric_sums = torch.stack(per_micro_batch).sum(dim=0)
+    names = list(per_micro_batch[0])
+    metric_sums = torch.stack([torch.stack([sums[name] for name in names])
+                               for sums in per_micro_batch]).sum(dim=0)  # [len(names)]
     dist.all_reduce(metric_sums, group=parallel_state.get_data_parallel_group())
-    return metric_sums
+    return dict(zip(names, metric_sums.unbind()))
 
 
 def train_step(model, optimizer, scheduler, micro_batches, objective, cfg: TrainConfig):
@@ -277,9 +279,9 @@ def train(cfg: TrainConfig) -> TrainingState:
 def _setup_online(cfg: TrainConfig, trainable: Trainable, tokenizer,
                   train_batches: TrainingBatches, state: TrainingState,
                   log: TrainingLogger) -> OnlineTraining | None:
-    """The sampler (and GAIL discriminator) of ``--irl-loss online`` / ``gail``, resumed from
-    the ``--load`` checkpoint; None for the offline losses."""
-    if cfg.irl.loss not in SAMPLING_LOSSES:
+    """The sampler (and GAIL discriminator) of an objective that samples the policy, resumed
+    from the ``--load`` checkpoint; None for the others."""
+    if not OBJECTIVES[cfg.irl.loss].samples_policy:
         return None
     online = OnlineTraining(cfg, trainable.model, trainable.chunks[0], tokenizer,
                             train_batches.dataset, _num_microbatches(cfg))
@@ -297,6 +299,7 @@ def _train_loop(cfg: TrainConfig, trainable: Trainable, state: TrainingState,
                 online: OnlineTraining | None):
     """Steps until ``--train-iters``, ``--exit-interval`` or a termination signal."""
     model = trainable.model
+    objective_class = OBJECTIVES[cfg.irl.loss]
     tokens_per_step = cfg.training.global_batch_size * cfg.model.seq_length
     last_saved = state.iteration if cfg.checkpoint.load else None
     nonfinite_steps = NonFiniteSteps(cfg.training.max_nonfinite_steps)
@@ -307,23 +310,22 @@ def _train_loop(cfg: TrainConfig, trainable: Trainable, state: TrainingState,
     log.begin(state.iteration)
     while state.iteration < cfg.training.train_iters:
         start = time.monotonic()
-        # Also evaluates online / gail runs.
-        objective = Objective(cfg.irl, state.iteration, cfg.model.vocab_size)
+        lam = objective_class.lambda_at(cfg.irl, state.iteration)
         micro_batches = train_batches.batches_for_iteration(state.iteration)
-        step_objective, means = objective, metric_means
+        sampled = None
         if online is not None:
-            step_objective, micro_batches = online.prepare_step(state.iteration, micro_batches,
-                                                                objective.lam)
-            means = online.metric_means
+            sampled, micro_batches = online.prepare_step(state.iteration, micro_batches)
+        objective = objective_class.for_step(cfg, state.iteration, sampled)
         metric_sums, step_scalars, nonfinite = train_step(
-            model, trainable.optimizer, trainable.scheduler, micro_batches, step_objective, cfg)
+            model, trainable.optimizer, trainable.scheduler, micro_batches, objective, cfg)
         if online is not None:
             step_scalars.update(online.finish_step())
         state.iteration += 1
         state.consumed_samples += cfg.training.global_batch_size
         nonfinite_steps.record(nonfinite)
         if metric_sums is not None:
-            scalars = {**means(metric_sums), **step_scalars, "lambda": objective.lam,
+            scalars = {**objective_class.means(_floats(metric_sums), cfg), **step_scalars,
+                       "lambda": lam,
                        "nonfinite_steps": nonfinite_steps.total}
             log.log_step(state.iteration, scalars, tokens_per_step / (time.monotonic() - start))
         if nonfinite:
@@ -331,9 +333,11 @@ def _train_loop(cfg: TrainConfig, trainable: Trainable, state: TrainingState,
                      "skipped (no update)")
             nonfinite_steps.stop_at_the_limit(state.iteration, last_saved)
         if eval_batches is not None and state.iteration % cfg.training.eval_interval == 0:
-            eval_sums = evaluate(model, eval_batches, objective, cfg)
+            # Of the step just trained (lambda and all), on the dataset rows only.
+            eval_objective = objective_class.for_evaluation(cfg, state.iteration - 1)
+            eval_sums = evaluate(model, eval_batches, eval_objective, cfg)
             if eval_sums is not None:
-                log.log_eval(state.iteration, metric_means(eval_sums))
+                log.log_eval(state.iteration, type(eval_objective).means(_floats(eval_sums), cfg))
 
         signalled = _stop_requested()
         exiting = signalled or _is_multiple(state.iteration, cfg.training.exit_interval)
@@ -346,6 +350,11 @@ def _train_loop(cfg: TrainConfig, trainable: Trainable, state: TrainingState,
     if last_saved != state.iteration:
         _save(cfg, trainable, state, log, online)
     return state
+
+
+def _floats(metric_sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The metric sums as Python numbers (one device synchronisation)."""
+    return dict(zip(metric_sums, torch.stack(list(metric_sums.values())).tolist()))
 
 
 def _save(cfg: TrainConfig, trainable: Trainable, state: TrainingState, log,

@@ -38,12 +38,12 @@ def all_ranks_true(local: bool) -> bool:
     return bool(flag.item())
 
 
-def optimizer_step(optimizer, metric_sums: torch.Tensor | None, fp16: bool):
+def optimizer_step(optimizer, metric_sums: dict[str, torch.Tensor] | None, fp16: bool):
     """Megatron's optimizer step, skipped when the loss or gradient norm is not finite.
 
     Args:
         optimizer: a ``get_megatron_optimizer`` optimizer whose gradients are reduced.
-        metric_sums: the step's metric sums on the last pipeline stage (None elsewhere).
+        metric_sums: the step's named metric sums on the last pipeline stage (None elsewhere).
         fp16: whether the optimizer has a dynamic loss scaler.
 
     Returns:
@@ -52,7 +52,9 @@ def optimizer_step(optimizer, metric_sums: torch.Tensor | None, fp16: bool):
 
     Collective: an all-reduce over the world group, plus the optimizer's own.
     """
-    loss_finite = all_ranks_true(metric_sums is None or bool(torch.isfinite(metric_sums).all()))
+    loss_finite = all_ranks_true(
+        metric_sums is None
+        or bool(torch.isfinite(torch.stack(list(metric_sums.values()))).all()))
     if not loss_finite:
         return False, math.nan, True
     if fp16:

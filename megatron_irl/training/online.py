@@ -1,4 +1,6 @@
-"""The training step of ``--irl-loss online`` (online IQ-Learn) and ``gail`` (the GAIL baseline).
+"""Policy sampling for the objectives that need it (``Objective.samples_policy``: ``--irl-loss
+online``, online IQ-Learn, and ``gail``, the GAIL baseline; the objectives are in
+``training/objectives/``).
 
 ``OnlineTraining`` brackets each step of the loop:
 
@@ -6,11 +8,12 @@
   every micro-batch as ``--online-policy-rows-per-micro-batch`` rows after the dataset rows
   (``[b_E + b_P, s]``: pipeline stages exchange activations of that fixed shape), counts the
   global batch's expert and policy tokens N_E, N_P (one all-reduce over data parallelism) and
-  returns the step's objective;
+  returns them with the discriminator as a ``SampledStep``, from which the loop builds the
+  step's objective;
 * the schedule runs the objective on the last pipeline stage, as the offline one;
 * ``finish_step`` steps the GAIL discriminator and returns the step's scalars.
 
-Normalisation, with Megatron's per-token contract (``objective.py``): a micro-batch returns
+Normalisation, with Megatron's per-token contract (``objectives/base.py``): a micro-batch returns
 ``sum(expert terms) + (N_E / N_P) * sum(policy terms)`` and its own expert token count; the
 schedule divides the gradients by the global N_E, so the step minimises
 ``sum(expert terms) / N_E + sum(policy terms) / N_P`` over the global batch exactly
@@ -35,80 +38,10 @@ from megatron.core import parallel_state
 
 from megatron_irl.config import TrainConfig
 from megatron_irl.cpu_support import current_device
-from megatron_irl.loss import discriminator_loss, gail_policy_loss, gail_reward, online_soft_q_loss
-from megatron_irl.loss.soft_q import td_active_mask
 from megatron_irl.training.discriminator import TokenDiscriminator
+from megatron_irl.training.objectives import OBJECTIVES, SampledStep
 from megatron_irl.training.reference import ReferencePolicy
 from megatron_irl.training.sampling import PolicySampler, all_reduce_dp, mix_in, save_synced
-
-# Sums per micro-batch, all-reduced over data parallelism by the loop (see the *_means below).
-ONLINE_METRICS = ("loss", "nll", "td_squared", "reward", "reward_policy", "u_expert", "u_policy",
-                  "value_expert", "value_policy", "trained_tokens", "td_tokens", "policy_tokens",
-                  "policy_td_tokens")
-GAIL_METRICS = ("loss", "nll", "entropy", "reward", "reward_expert", "return", "kl",
-                "disc_loss_expert", "disc_loss_policy", "disc_correct_expert",
-                "disc_correct_policy", "trained_tokens", "policy_tokens", "responses")
-
-
-def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask, values.detach().float(), 0.0).sum()
-
-
-def _per(sums: dict, name: str, count: str) -> float:
-    return sums[name] / max(sums[count], 1.0)
-
-
-class OnlineObjective:
-    """Online IQ-Learn on a micro-batch of dataset and policy rows (``online_soft_q_loss``)."""
-
-    def __init__(self, cfg: TrainConfig, lam: float, policy_weight: float):
-        self.irl, self.online = cfg.irl, cfg.online
-        self.vocab_size = cfg.model.vocab_size  # the real vocabulary, resolved by train()
-        self.lam = lam
-        self.policy_weight = policy_weight  # N_E / N_P of the global batch
-
-    def __call__(self, output, batch: dict):
-        loss_mask, policy_mask = batch["loss_mask"], batch["policy_mask"]
-        terminal, next_position = batch["terminal"], batch["next_position"]
-        out = online_soft_q_loss(
-            output, batch["labels"], loss_mask, policy_mask, terminal, lam=self.lam,
-            gamma=self.irl.irl_gamma, alpha_mix=self.online.alpha_mix,
-            td_over=self.online.td_over, next_position=next_position,
-            stop_value_grad=self.irl.irl_stop_value_grad,
-            vocab_size=self.vocab_size,
-        )
-        loss_sum = out.expert_loss.sum() + self.policy_weight * out.policy_loss.sum()
-        expert, policy = loss_mask > 0, policy_mask > 0
-        td_expert = td_active_mask(loss_mask, terminal, next_position)
-        td_policy = td_active_mask(policy_mask, terminal, next_position)
-        metric_sums = torch.stack([
-            loss_sum.detach().float(), out.nll.detach().sum(),
-            _masked_sum(out.delta.square(), td_expert), _masked_sum(out.delta, td_expert),
-            _masked_sum(out.delta, td_policy),  # 0 unless --online-td-over mixture
-            _masked_sum(out.value_diff, td_expert), _masked_sum(out.value_diff, td_policy),
-            _masked_sum(out.value, expert), _masked_sum(out.value, policy),
-            *(mask.sum().float() for mask in (expert, td_expert, policy, td_policy)),
-        ])
-        return loss_sum, expert.sum().to(torch.int), metric_sums
-
-
-def online_metric_means(metric_sums: torch.Tensor, td_over: str) -> dict[str, float]:
-    """Means of ``ONLINE_METRICS`` sums: the loss and nll per expert token; td_squared, reward
-    (delta) and u (value difference) per TD-active expert / policy token; V per token."""
-    sums = dict(zip(ONLINE_METRICS, metric_sums.tolist()))
-    means = {
-        "loss": _per(sums, "loss", "trained_tokens"), "nll": _per(sums, "nll", "trained_tokens"),
-        "td_squared": _per(sums, "td_squared", "td_tokens"),
-        "reward": _per(sums, "reward", "td_tokens"),
-        "u_expert": _per(sums, "u_expert", "td_tokens"),
-        "u_policy": _per(sums, "u_policy", "policy_td_tokens"),
-        "value_expert": _per(sums, "value_expert", "trained_tokens"),
-        "value_policy": _per(sums, "value_policy", "policy_tokens"),
-        "trained_tokens": sums["trained_tokens"], "policy_tokens": sums["policy_tokens"],
-    }
-    if td_over == "mixture":
-        means["reward_policy"] = _per(sums, "reward_policy", "policy_td_tokens")
-    return means
 
 
 class DiscriminatorTrainer:
@@ -161,79 +94,8 @@ class DiscriminatorTrainer:
         return f"loaded the discriminator from {path}"
 
 
-class GailObjective:
-    """GAIL on a micro-batch of dataset and policy rows: trains the discriminator on it and the
-    policy by REINFORCE on its rewards plus MLE, entropy and KL terms (``gail_policy_loss``)."""
-
-    def __init__(self, cfg: TrainConfig, discriminator: DiscriminatorTrainer,
-                 expert_tokens: float, policy_tokens: float):
-        self.irl, self.gail = cfg.irl, cfg.gail
-        self.vocab_size = cfg.model.vocab_size  # the real vocabulary, resolved by train()
-        self.discriminator = discriminator
-        self.expert_tokens, self.policy_tokens = expert_tokens, policy_tokens
-
-    def __call__(self, output, batch: dict):
-        labels, terminal = batch["labels"], batch["terminal"]
-        loss_mask, policy_mask = batch["loss_mask"], batch["policy_mask"]
-        d = self.discriminator.model(batch["tokens"], labels, batch["position_ids"],
-                                     batch["document_ids"])  # [b, s]
-        bce = discriminator_loss(d, loss_mask, policy_mask)
-        disc_expert, disc_policy = bce.expert_loss.sum(), bce.policy_loss.sum()
-        # Accumulates the discriminator's gradients now: its graph shares nothing with the policy's.
-        (disc_expert / self.expert_tokens + disc_policy / self.policy_tokens).backward()
-        gail = self.gail
-        out = gail_policy_loss(
-            output, labels, loss_mask, policy_mask, terminal, gail_reward(d, policy_mask),
-            gamma=self.irl.irl_gamma, mle_weight=gail.mle_weight,
-            entropy_weight=gail.entropy_weight, kl_weight=gail.kl_weight,
-            ref_log_prob=batch["ref_log_prob"] if gail.kl_weight > 0 else None,
-            vocab_size=self.vocab_size,
-        )
-        policy_weight = self.expert_tokens / self.policy_tokens
-        loss_sum = out.expert_loss.sum() + policy_weight * out.policy_loss.sum()
-        expert, policy = loss_mask > 0, policy_mask > 0
-        starts = policy.clone()
-        starts[:, 1:] &= ~policy[:, :-1]  # a response's first policy position
-        entropy = out.entropy if out.entropy is not None else torch.zeros_like(d)
-        metric_sums = torch.stack([
-            loss_sum.detach().float(), -_masked_sum(out.log_prob, expert),
-            _masked_sum(entropy, policy), _masked_sum(d, policy), _masked_sum(d, expert),
-            _masked_sum(out.returns, starts),
-            _masked_sum(out.log_prob - batch["ref_log_prob"], policy),
-            disc_expert.detach(), disc_policy.detach(),
-            ((d > 0) & expert).sum().float(), ((d < 0) & policy).sum().float(),
-            *(mask.sum().float() for mask in (expert, policy, starts)),
-        ])
-        return loss_sum, expert.sum().to(torch.int), metric_sums
-
-
-def gail_metric_means(metric_sums: torch.Tensor, with_entropy: bool,
-                      with_kl: bool) -> dict[str, float]:
-    """Means of ``GAIL_METRICS`` sums: loss and nll per expert token, reward (discriminator
-    logit) per policy / expert token, return per response, the KL estimate ``log pi -
-    log pi_ref`` per policy token (with ``--gail-kl-weight``), the discriminator's loss and
-    its accuracy (balanced over the two classes)."""
-    sums = dict(zip(GAIL_METRICS, metric_sums.tolist()))
-    means = {
-        "loss": _per(sums, "loss", "trained_tokens"), "nll": _per(sums, "nll", "trained_tokens"),
-        "reward": _per(sums, "reward", "policy_tokens"),
-        "reward_expert": _per(sums, "reward_expert", "trained_tokens"),
-        "return": _per(sums, "return", "responses"),
-        "disc_loss": (_per(sums, "disc_loss_expert", "trained_tokens")
-                      + _per(sums, "disc_loss_policy", "policy_tokens")),
-        "disc_accuracy": (_per(sums, "disc_correct_expert", "trained_tokens")
-                          + _per(sums, "disc_correct_policy", "policy_tokens")) / 2,
-        "trained_tokens": sums["trained_tokens"], "policy_tokens": sums["policy_tokens"],
-    }
-    if with_entropy:
-        means["entropy"] = _per(sums, "entropy", "policy_tokens")
-    if with_kl:
-        means["kl"] = _per(sums, "kl", "policy_tokens")
-    return means
-
-
 class OnlineTraining:
-    """Sampling, the step's objective and the discriminator of a sampling loss (module doc).
+    """Sampling, the reference and the discriminator of a sampling objective (module doc).
 
     Args:
         cfg: the run's configuration (``--irl-loss online`` or ``gail``).
@@ -244,21 +106,22 @@ class OnlineTraining:
 
     def __init__(self, cfg: TrainConfig, model: list, chunk, tokenizer, dataset,
                  num_microbatches: int):
-        self.cfg = cfg
         self.chunk = chunk
+        objective = OBJECTIVES[cfg.irl.loss]
         self.reference = None
-        if cfg.irl.loss == "gail" and cfg.gail.kl_weight > 0:
+        if objective.needs_reference(cfg):
             self.reference = ReferencePolicy(cfg, cfg.model.vocab_size)
         self.sampler = PolicySampler(cfg, model, chunk, tokenizer, dataset, num_microbatches,
                                      self.reference)
         self.discriminator = None
-        if cfg.irl.loss == "gail" and parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        if objective.needs_discriminator \
+                and parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             self.discriminator = DiscriminatorTrainer(cfg, cfg.model.vocab_size)
         self._scalars: dict[str, float] = {}
         self._update_start = 0.0
 
-    def prepare_step(self, iteration: int, expert_batches: list[dict], lam: float):
-        """(objective, micro-batches ``[b_E + b_P, s]``) for step ``iteration``.
+    def prepare_step(self, iteration: int, expert_batches: list[dict]):
+        """(``SampledStep``, micro-batches ``[b_E + b_P, s]``) for step ``iteration``.
 
         Collective: sampling (model replica, when due) and one all-reduce over data parallelism.
         """
@@ -268,15 +131,11 @@ class OnlineTraining:
             sum(float((b["loss_mask"] > 0).sum()) for b in micro_batches),
             sum(float((b["policy_mask"] > 0).sum()) for b in micro_batches)])
         expert_tokens, policy_tokens = max(expert_tokens, 1.0), max(policy_tokens, 1.0)
-        if self.cfg.irl.loss == "gail":
-            objective = GailObjective(self.cfg, self.discriminator, expert_tokens, policy_tokens)
-        else:
-            objective = OnlineObjective(self.cfg, lam, expert_tokens / policy_tokens)
         self._scalars = {"sample_seconds": sample_seconds,
                          "sample_step": float(self.sampler.samples.iteration),
                          **self.sampler.stats}
         self._update_start = time.monotonic()
-        return objective, micro_batches
+        return SampledStep(expert_tokens, policy_tokens, self.discriminator), micro_batches
 
     def finish_step(self) -> dict[str, float]:
         """Step the discriminator (GAIL, last stage); the step's sampling and update seconds
@@ -284,12 +143,6 @@ class OnlineTraining:
         if self.discriminator is not None:
             self.discriminator.step()
         return {**self._scalars, "update_seconds": time.monotonic() - self._update_start}
-
-    def metric_means(self, metric_sums: torch.Tensor) -> dict[str, float]:
-        if self.cfg.irl.loss == "gail":
-            return gail_metric_means(metric_sums, self.cfg.gail.entropy_weight > 0,
-                                     self.reference is not None)
-        return online_metric_means(metric_sums, self.cfg.online.td_over)
 
     def save(self, directory: str) -> None:
         """Write the samples and the discriminator into checkpoint ``directory``, and GAIL's

@@ -312,3 +312,14 @@ def assert_golden_losses(name: str, steps: list[dict]) -> None:
                         + "\n")
     expected = {int(k): v for k, v in json.loads(path.read_text()).items()}
     assert_same_losses(losses(steps), expected, rel=1e-4)
+
+
+def read_safetensors(directory: str) -> dict:
+    """Every tensor of the ``*.safetensors`` files in ``directory`` (a Hugging Face export)."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for name in sorted(os.listdir(directory)):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(directory, name)))
+    return tensors

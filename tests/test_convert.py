@@ -27,7 +27,7 @@ from megatron_irl.convert import (  # noqa: E402
 from megatron_irl.convert.families import vocab_divisor  # noqa: E402
 from megatron_irl.convert.mapping import QKV, RULES, VOCAB_ROWS, Dims  # noqa: E402
 from megatron_irl.testing import run_distributed  # noqa: E402
-from helpers import make_ascii_tokenizer  # noqa: E402
+from helpers import make_ascii_tokenizer, read_safetensors  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKENS = torch.tensor([[1, 40, 41, 52, 60, 3, 77, 90, 12, 5, 33, 70],
@@ -59,16 +59,6 @@ def make_hf_model(directory: str, family: str, tie: bool, seed: int = 0):
 def hf_logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model(TOKENS).logits.float()
-
-
-def read_safetensors(directory: str) -> dict:
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".safetensors"):
-            tensors.update(load_file(os.path.join(directory, name)))
-    return tensors
 
 
 # ------------------------------------------------------------------ Megatron side (ranks)

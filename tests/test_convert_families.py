@@ -27,7 +27,7 @@ transformers = pytest.importorskip("transformers")
 
 from megatron_irl.convert import ConversionError, convert_to_hf, plan_import  # noqa: E402
 from megatron_irl.testing import run_distributed  # noqa: E402
-from helpers import make_tokenizer  # noqa: E402
+from helpers import make_tokenizer, read_safetensors  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB_SIZE = 256
@@ -92,16 +92,6 @@ def make_hf_model(directory: str, name: str, seed: int):
                                    eos_token_id=[2, 5])
     model.save_pretrained(directory, safe_serialization=True)
     return model
-
-
-def read_safetensors(directory: str) -> dict:
-    from safetensors.torch import load_file
-
-    tensors = {}
-    for name in sorted(os.listdir(directory)):
-        if name.endswith(".safetensors"):
-            tensors.update(load_file(os.path.join(directory, name)))
-    return tensors
 
 
 def transformers_rewards(model, tokens: list[int], lengths: list[int]) -> dict:

@@ -13,6 +13,7 @@ from megatron_irl.evaluation.metrics import (
     mean_and_stderr,
     mean_self_bleu,
     rouge,
+    score_gap_at_matched_diversity,
     self_bleu,
     spearman,
 )
@@ -178,6 +179,36 @@ def test_mean_and_stderr_uses_sample_standard_deviation():
     mean, stderr = mean_and_stderr([1.0, 2.0, 3.0])  # sample std 1
     assert (mean, stderr) == pytest.approx((2.0, 1 / math.sqrt(3)))
 
+
+
+def test_score_gap_of_parallel_curves_is_their_offset():
+    baseline = [(30.0, 0.2), (50.0, 0.4), (70.0, 0.5)]
+    curve = [(x, y + 0.1) for x, y in baseline]
+    assert score_gap_at_matched_diversity(curve, baseline) == pytest.approx((0.1, 30.0, 70.0))
+
+
+def test_score_gap_averages_over_the_overlap_of_the_self_bleu_ranges_only():
+    curve = [(50.0, 1.0), (200.0, 1.0)]
+    baseline = [(0.0, 0.0), (100.0, 0.0)]
+    assert score_gap_at_matched_diversity(curve, baseline) == pytest.approx((1.0, 50.0, 100.0))
+
+
+def test_score_gap_integrates_a_kink_between_the_other_curves_points():
+    # Triangle of height 1 over [0, 2] against a flat line: area 1, mean 0.5.
+    curve = [(0.0, 0.0), (1.0, 1.0), (2.0, 0.0)]
+    baseline = [(2.0, 0.0), (0.0, 0.0)]
+    assert score_gap_at_matched_diversity(curve, baseline)[0] == pytest.approx(0.5)
+    assert score_gap_at_matched_diversity(baseline, curve)[0] == pytest.approx(-0.5)
+
+
+def test_score_gap_of_crossing_curves_cancels():
+    assert score_gap_at_matched_diversity([(0.0, 1.0), (1.0, 0.0)],
+                                          [(0.0, 0.0), (1.0, 1.0)])[0] == pytest.approx(0.0)
+
+
+def test_score_gap_is_none_without_overlapping_diversity():
+    assert score_gap_at_matched_diversity([(0.0, 1.0), (10.0, 1.0)],
+                                          [(20.0, 0.0), (30.0, 0.0)]) is None
 
 # --- plots ---------------------------------------------------------------------------------------
 

@@ -1,21 +1,29 @@
-"""MLE vs IQ-Learn from one pre-trained model: fine-tune, evaluate, compare (docs/method.md,
-section 6).
+"""Compare fine-tuning methods from one pre-trained model: fine-tune, select, evaluate, report
+(docs/method.md, section 6; docs/results.md).
 
     python tools/run_experiment.py --config examples/arithmetic/experiment.yaml [--reduced]
 
 The experiment file names a pre-training config, a fine-tuning config, the methods (each a
-list of training flags on top of the fine-tuning config), the seeds and the evaluation.
-Steps, each skipped when its output already exists (re-running resumes an experiment):
-  1. pre-train once (plain MLE) unless the checkpoint is there;
+list of training flags on top of the fine-tuning config and ``finetune_flags``), the seeds
+and the evaluation. Steps, each skipped when its output already exists (re-running resumes
+an experiment):
+  1. pre-train once (plain MLE) unless the checkpoint is there (``pretrain_dir``, default
+     ``<output_dir>/pretrain``: experiments that name the same directory share it);
   2. fine-tune every method with every seed from that checkpoint (``--finetune``: the
      same initial weights, the same data, the same number of steps; the seed sets the data
      order and dropout);
-  3. ``megatron-irl eval`` each fine-tuned model (accuracy, Self-BLEU, distinct correct
-     responses per prompt, entropy at each temperature) and ``megatron-irl rewards`` on its
-     samples (Spearman correlations with correctness of the return, of log pi and of V(s_0), per
-     temperature, within and across prompts);
-  4. write ``results.md`` (mean +- standard error over seeds) and ``tradeoff.png`` to the
-     output directory, and export the first method's first seed to Hugging Face format.
+  3. with a ``selection`` section: score every saved checkpoint of the run greedily on that
+     section's data (a validation split, never the test split) and keep the best (ties: the
+     earliest); without one, the last checkpoint;
+  4. ``megatron-irl eval`` that checkpoint on the test data (accuracy, Self-BLEU, distinct
+     correct responses per prompt, entropy at each temperature and beam size) and
+     ``megatron-irl rewards`` on its samples, once per discount in ``eval.reward_gammas``
+     (null: the run's own; Spearman correlations with correctness of the return, of log pi
+     and of V(s_0), per decoding setting, within and across prompts);
+  5. write ``results.md`` (mean +- standard error over seeds: validation curves, test
+     metrics, the score gap to the first method at matched diversity, reward correlations),
+     ``tradeoff.png`` and ``validation.png`` to the output directory, and export the first
+     method's first seed to Hugging Face format.
 ``--reduced`` uses the file's ``reduced`` section (fewer methods, seeds and prompts): the
 README's demo. Every command runs as a subprocess with its log under the output directory;
 ``--jobs N`` runs N (method, seed) runs at once, each with OMP_NUM_THREADS = cores / N.
@@ -36,10 +44,11 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from megatron_irl.evaluation.metrics import mean_and_stderr  # noqa: E402
-from megatron_irl.evaluation.plots import TradeoffPoint, plot_score_vs_self_bleu  # noqa: E402
-
-METRICS = ("exact_match", "self_bleu", "distinct_correct", "entropy")
+from megatron_irl.core.checkpoint_files import saved_iterations  # noqa: E402
+from megatron_irl.evaluation.plots import (  # noqa: E402
+    TradeoffPoint, plot_curves, plot_score_vs_self_bleu)
+from megatron_irl.evaluation.study_tables import (  # noqa: E402
+    matched_diversity_table, rewards_table, test_split_table, validation_table)
 
 
 def _run(command: list[str], log_path: str, threads: int | None = None) -> None:
@@ -72,10 +81,17 @@ def _arguments(flags: list) -> list[str]:
     return [str(flag) for flag in flags]
 
 
+def _read_json(path: str):
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
 def _plan(config: dict, reduced: bool) -> dict:
     """The experiment's settings, with the ``reduced`` section applied."""
     plan = {key: config[key] for key in ("pretrain", "finetune", "methods", "seeds", "eval")}
     plan["methods"] = {name: _arguments(flags) for name, flags in plan["methods"].items()}
+    plan["finetune_flags"] = _arguments(config.get("finetune_flags", []))
+    plan["selection"] = config.get("selection")
     if reduced:
         section = config.get("reduced", {})
         unknown = set(section.get("methods", [])) - set(plan["methods"])
@@ -87,13 +103,52 @@ def _plan(config: dict, reduced: bool) -> dict:
         plan["seeds"] = section.get("seeds", plan["seeds"])
         plan["eval"] = {**plan["eval"], **section.get("eval", {})}
         plan["pretrain_flags"] = _arguments(section.get("pretrain_flags", []))
-        plan["finetune_flags"] = _arguments(section.get("finetune_flags", []))
+        plan["finetune_flags"] += _arguments(section.get("finetune_flags", []))
+        if plan["selection"] is not None:
+            plan["selection"] = {**plan["selection"], **section.get("selection", {})}
     return plan
+
+
+def _select_checkpoint(selection: dict, run_dir: str, checkpoints: str, threads: int | None,
+                       seed: int) -> tuple[int, dict[int, float]]:
+    """The saved iteration with the best greedy score on ``selection['data']`` (ties: the
+    earliest), and every saved iteration's score."""
+    scores = {}
+    for step in sorted(saved_iterations(checkpoints)):
+        out = os.path.join(run_dir, "selection", f"iter_{step:07d}")
+        if not os.path.exists(os.path.join(out, "report.json")):
+            _run(_megatron_irl("eval", "--load", checkpoints, "--ckpt-step", str(step),
+                               "--data", selection["data"], "--limit", str(selection["limit"]),
+                               "--temperature", "0",
+                               "--max-new-tokens", str(selection["max_new_tokens"]),
+                               "--seed", str(seed), "--output-dir", out, "--progress-bar", "off"),
+                 os.path.join(run_dir, f"selection_{step}.log"), threads)
+        scores[step] = _read_json(os.path.join(out, "report.json"))["settings"][0]["metrics"][
+            "exact_match"]
+    best = max(scores.values())
+    return min(step for step, score in scores.items() if score == best), scores
+
+
+def _reward_analyses(ev: dict, run_dir: str, checkpoints: str, step: int, samples: str,
+                     threads: int | None) -> dict:
+    """``megatron-irl rewards`` of ``samples`` per discount: {"own" | "gamma=<g>": summary}."""
+    analyses = {}
+    for gamma in ev.get("reward_gammas", [None]):
+        label = "own" if gamma is None else f"gamma={gamma:g}"
+        output = os.path.join(run_dir, f"rewards_{label.replace('=', '')}.jsonl")
+        summary = output[:-len(".jsonl")] + ".summary.json"
+        if not os.path.exists(summary):
+            _run(_megatron_irl("rewards", "--load", checkpoints, "--ckpt-step", str(step),
+                               "--data", samples, "--output", output, "--progress-bar", "off",
+                               *(["--gamma", str(gamma)] if gamma is not None else [])),
+                 os.path.join(run_dir, f"rewards_{label.replace('=', '')}.log"), threads)
+        analyses[label] = _read_json(summary).get("spearman_vs_score", {})
+    return analyses
 
 
 def _fine_tune_and_evaluate(plan: dict, out: str, pretrained: str, threads: int | None,
                             method: str, flags: list, seed: int) -> dict:
-    """One (method, seed) run: its eval report, rewards summary and final validation NLL."""
+    """One (method, seed) run: its selection, test report, reward analyses, validation NLL."""
     run_dir = os.path.join(out, method.replace(" ", "_"), f"seed{seed}")
     checkpoints = os.path.join(run_dir, "checkpoints")
     metrics_file = os.path.join(run_dir, "metrics.jsonl")
@@ -105,77 +160,75 @@ def _fine_tune_and_evaluate(plan: dict, out: str, pretrained: str, threads: int 
                            "--finetune", "--seed", str(seed), "--data-seed", str(seed),
                            "--save", checkpoints, "--metrics-file", metrics_file,
                            "--tensorboard-dir", os.path.join(run_dir, "tensorboard"),
-                           "--progress-bar", "off", *plan.get("finetune_flags", []), *flags),
+                           "--progress-bar", "off", *plan["finetune_flags"], *flags),
              os.path.join(run_dir, "train.log"), threads)
+    if plan["selection"] is not None:
+        step, selection = _select_checkpoint(plan["selection"], run_dir, checkpoints, threads,
+                                             seed)
+    else:
+        step, selection = saved_iterations(checkpoints)[0], {}
     ev = plan["eval"]
     eval_dir = os.path.join(run_dir, "eval")
     if not os.path.exists(os.path.join(eval_dir, "report.json")):
-        _run(_megatron_irl("eval", "--load", checkpoints, "--data", ev["data"],
-                           "--limit", str(ev["limit"]), "--samples", str(ev["samples"]),
+        _run(_megatron_irl("eval", "--load", checkpoints, "--ckpt-step", str(step),
+                           "--data", ev["data"], "--limit", str(ev["limit"]),
+                           "--samples", str(ev["samples"]),
                            "--temperature", *map(str, ev["temperatures"]),
+                           *(["--beam-size", *map(str, ev["beam_sizes"])]
+                             if ev.get("beam_sizes") else []),
                            "--max-new-tokens", str(ev["max_new_tokens"]),
                            "--seed", str(seed), "--output-dir", eval_dir,
                            "--progress-bar", "off"),
              os.path.join(run_dir, "eval.log"), threads)
-    rewards = os.path.join(run_dir, "rewards.jsonl")
-    if not os.path.exists(os.path.join(run_dir, "rewards.summary.json")):
-        _run(_megatron_irl("rewards", "--load", checkpoints, "--data",
-                           os.path.join(eval_dir, "samples.jsonl"), "--output", rewards,
-                           "--progress-bar", "off"),
-             os.path.join(run_dir, "rewards.log"), threads)
-    with open(os.path.join(eval_dir, "report.json"), encoding="utf-8") as file:
-        report = json.load(file)
-    with open(os.path.join(run_dir, "rewards.summary.json"), encoding="utf-8") as file:
-        summary = json.load(file)
     with open(metrics_file, encoding="utf-8") as file:
         valid = [json.loads(line) for line in file if '"split": "valid"' in line]
-    return {"report": report, "spearman": summary.get("spearman_vs_score", {}),
-            "valid_nll": valid[-1]["nll"] if valid else None}
+    return {"report": _read_json(os.path.join(eval_dir, "report.json")),
+            "rewards": _reward_analyses(ev, run_dir, checkpoints, step,
+                                        os.path.join(eval_dir, "samples.jsonl"), threads),
+            "selected_step": step, "selection": selection,
+            "valid_nll": {record["iteration"]: record["nll"] for record in valid}}
 
 
-def _cell(values: list) -> str:
-    values = [v for v in values if v is not None]
-    if not values:
-        return "-"
-    mean, stderr = mean_and_stderr(values)
-    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {stderr:.3f}"
-
-
-def _correlation_cell(correlations: list[dict], kind: str, count: int) -> str:
-    """``return / log pi (/ V(s_0))`` Spearman of one kind, each over the seeds."""
-    names = ("return", "log_prob", "value_initial")[:count]
-    return " / ".join(_cell([c.get(kind, {}).get(name) for c in correlations])
-                      for name in names)
-
-
-def _results_table(results: dict, temperatures: list) -> tuple[str, list[TradeoffPoint]]:
-    """Markdown table (mean ± standard error over seeds) and the per-method trade-off points."""
-    header = ("| method | T | accuracy | Self-BLEU | distinct correct | entropy | "
-              "Spearman within prompt: return / log pi | "
-              "Spearman across prompts: return / log pi / V(s_0) | valid NLL |\n"
-              "|---|---|---|---|---|---|---|---|---|")
-    rows, points = [header], []
+def _tradeoff_points(results: dict) -> list[TradeoffPoint]:
+    """Mean (over seeds) score and Self-BLEU of each method's sampled settings."""
+    points = []
     for method, runs in results.items():
-        for temperature in temperatures:
-            settings = [next(s for s in run["report"]["settings"]
-                             if s.get("temperature") == temperature) for run in runs]
-            per_seed = [setting["metrics"] for setting in settings]
-            cells = [_cell([m[name] for m in per_seed]) for name in METRICS]
-            # The reward analysis of this setting's samples only (temperature moves both the
-            # score and the return, so pooling settings would confound them).
-            correlations = [run["spearman"].get(setting["name"], {})
-                            for run, setting in zip(runs, settings)]
-            rows.append(f"| {method} | {temperature:g} | " + " | ".join(cells)
-                        + f" | {_correlation_cell(correlations, 'within_prompt', 2)}"
-                        + f" | {_correlation_cell(correlations, 'across_prompts', 3)}"
-                        + f" | {_cell([r['valid_nll'] for r in runs])} |")
-            scores = [m["exact_match"] for m in per_seed]
-            self_bleus = [m["self_bleu"] for m in per_seed]
-            if all(v is not None for v in self_bleus):
-                points.append(TradeoffPoint(method, mean_and_stderr(scores)[0],
-                                            mean_and_stderr(self_bleus)[0],
-                                            temperature=temperature))
-    return "\n".join(rows), points
+        for index, setting in enumerate(runs[0]["report"]["settings"]):
+            per_seed = [run["report"]["settings"][index]["metrics"] for run in runs]
+            if setting.get("temperature") and per_seed[0]["self_bleu"] is not None:
+                points.append(TradeoffPoint(
+                    method, sum(m["exact_match"] for m in per_seed) / len(runs),
+                    sum(m["self_bleu"] for m in per_seed) / len(runs),
+                    temperature=setting["temperature"]))
+    return points
+
+
+def _mean_curve(runs: list, key: str) -> list[tuple[float, float]]:
+    steps = sorted(set.intersection(*(set(run[key]) for run in runs)))
+    return [(step, sum(run[key][step] for run in runs) / len(runs)) for step in steps]
+
+
+def _write_report(args, plan: dict, results: dict, out: str) -> str:
+    ev = plan["eval"]
+    sections = [f"# Results: {os.path.basename(args.config)}"
+                f"{' (reduced)' if args.reduced else ''}\n",
+                f"Seeds {plan['seeds']}; {ev['limit']} test prompts x {ev['samples']} samples "
+                f"per temperature; mean ± standard error over seeds.\n"]
+    if plan["selection"] is not None:
+        sections.append(validation_table(results, plan["selection"]))
+    sections += [test_split_table(results), matched_diversity_table(results),
+                 rewards_table(results)]
+    text = "\n".join(sections)
+    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as file:
+        file.write(text)
+    plot_score_vs_self_bleu(_tradeoff_points(results), os.path.join(out, "tradeoff.png"),
+                            score_label="accuracy (exact match)")
+    panels = {"valid NLL": {m: _mean_curve(runs, "valid_nll") for m, runs in results.items()}}
+    if plan["selection"] is not None:
+        panels["valid greedy accuracy"] = {m: _mean_curve(runs, "selection")
+                                           for m, runs in results.items()}
+    plot_curves(panels, os.path.join(out, "validation.png"), xlabel="iteration")
+    return text
 
 
 def main(argv=None) -> int:
@@ -186,22 +239,32 @@ def main(argv=None) -> int:
     parser.add_argument("--reduced", action="store_true", help="the quick demo version")
     parser.add_argument("--jobs", type=int, default=1,
                         help="(method, seed) runs at once, each with cores/jobs threads")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="NAME",
+                        help="run and report these methods of the file only (the first is "
+                             "the baseline of the matched-diversity table)")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
     with open(args.config, encoding="utf-8") as file:
         config = yaml.safe_load(file)
     plan = _plan(config, args.reduced)
+    if args.methods is not None:
+        unknown = set(args.methods) - set(plan["methods"])
+        if unknown:
+            parser.error(f"--methods: {sorted(unknown)} not in {args.config}'s methods "
+                         f"{sorted(plan['methods'])}")
+        plan["methods"] = {name: plan["methods"][name] for name in args.methods}
     out = args.output_dir or config["output_dir"] + ("_reduced" if args.reduced else "")
     os.makedirs(out, exist_ok=True)
     started = time.monotonic()
 
-    pretrained = os.path.join(out, "pretrain", "checkpoints")
+    pretrain_dir = config.get("pretrain_dir", os.path.join(out, "pretrain"))
+    pretrained = os.path.join(pretrain_dir, "checkpoints")
     if not _finished(pretrained):
-        os.makedirs(os.path.dirname(pretrained), exist_ok=True)
+        os.makedirs(pretrain_dir, exist_ok=True)
         _run(_megatron_irl("train", "--config", plan["pretrain"], "--save", pretrained,
                            "--progress-bar", "off", *plan.get("pretrain_flags", [])),
-             os.path.join(out, "pretrain", "train.log"))
+             os.path.join(pretrain_dir, "train.log"))
     runs = [(method, flags, seed) for method, flags in plan["methods"].items()
             for seed in plan["seeds"]]
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
@@ -212,15 +275,7 @@ def main(argv=None) -> int:
         for (method, _, _), outcome in zip(runs, outcomes):
             results.setdefault(method, []).append(outcome)
 
-    table, points = _results_table(results, plan["eval"]["temperatures"])
-    ev = plan["eval"]
-    text = (f"# Results: {os.path.basename(args.config)}{' (reduced)' if args.reduced else ''}"
-            f"\n\nSeeds {plan['seeds']}; {ev['limit']} test prompts x {ev['samples']} samples "
-            f"each; mean ± standard error over seeds.\n\n{table}\n")
-    with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as file:
-        file.write(text)
-    plot_score_vs_self_bleu(points, os.path.join(out, "tradeoff.png"),
-                            score_label="accuracy (exact match)")
+    text = _write_report(args, plan, results, out)
     first_method = next(iter(plan["methods"]))
     hf_dir = os.path.join(out, "hf", first_method.replace(" ", "_"))
     if not os.path.exists(os.path.join(hf_dir, "config.json")):
@@ -228,8 +283,8 @@ def main(argv=None) -> int:
               os.path.join(out, first_method.replace(" ", "_"), f"seed{plan['seeds'][0]}",
                            "checkpoints"), "--output", hf_dir],
              os.path.join(out, "convert_to_hf.log"))
-    print(f"\n{text}\nwrote {out}/results.md, {out}/tradeoff.png, {hf_dir} "
-          f"({time.monotonic() - started:.0f} s)")
+    print(f"\n{text}\nwrote {out}/results.md, {out}/tradeoff.png, {out}/validation.png, "
+          f"{hf_dir} ({time.monotonic() - started:.0f} s)")
     return 0
 
 

@@ -222,3 +222,30 @@ def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
     if array.size == 1:
         return float(array[0]), float("nan")
     return float(array.mean()), float(array.std(ddof=1) / math.sqrt(array.size))
+
+
+def score_gap_at_matched_diversity(
+    curve: Sequence[tuple[float, float]], baseline: Sequence[tuple[float, float]]
+) -> Optional[tuple[float, float, float]]:
+    """Mean task-score difference ``curve - baseline`` over the Self-BLEU range both cover.
+
+    Each curve is ``(self_bleu, score)`` points of one run's sampling sweep (e.g. its
+    temperatures), joined by straight lines in Self-BLEU order. The result is the area between
+    the two lines over the Self-BLEU interval where both are defined, divided by that
+    interval's width: how much more (or, negative, less) the run scores than the baseline at
+    the same diversity. Returns ``(gap, low, high)`` with the interval, or None when the
+    curves' ranges do not overlap (or meet in a single point).
+    """
+    if len(curve) < 2 or len(baseline) < 2:
+        raise ValueError("score_gap_at_matched_diversity needs at least 2 points per curve")
+    xs_a, ys_a = zip(*sorted(curve))
+    xs_b, ys_b = zip(*sorted(baseline))
+    low, high = max(xs_a[0], xs_b[0]), min(xs_a[-1], xs_b[-1])
+    if high <= low:
+        return None
+    # Both lines are linear between the union of their knots, so the trapezoid rule on that
+    # union is exact.
+    knots = np.unique([x for x in (*xs_a, *xs_b) if low <= x <= high] + [low, high])
+    difference = np.interp(knots, xs_a, ys_a) - np.interp(knots, xs_b, ys_b)
+    area = float(np.sum((difference[1:] + difference[:-1]) / 2 * np.diff(knots)))
+    return area / (high - low), float(low), float(high)

@@ -132,3 +132,26 @@ def plot_return_vs_score(
     axes.grid(alpha=0.3)
     figure.tight_layout()
     return _save(figure, path)
+
+
+def plot_curves(
+    panels: Mapping[str, Mapping[str, Sequence[tuple[float, float]]]],
+    path: str | Path,
+    xlabel: str = "iteration",
+) -> Path:
+    """Line plots side by side: ``panels[y_label][series_label]`` is that series' ``(x, y)``
+    points (e.g. a validation metric per training iteration, one series per method)."""
+    if not panels:
+        raise ValueError("plot_curves got no panels")
+    figure = Figure(figsize=(5.2 * len(panels), 4.2))
+    for index, (ylabel, series) in enumerate(panels.items(), start=1):
+        axes = figure.add_subplot(1, len(panels), index)
+        for label, points in series.items():
+            axes.plot([x for x, _ in points], [y for _, y in points], marker="o", markersize=3,
+                      linewidth=0.9, label=label)
+        axes.set_xlabel(xlabel)
+        axes.set_ylabel(ylabel)
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+    figure.tight_layout()
+    return _save(figure, path)

@@ -1,7 +1,7 @@
 """The launch plan of ``megatron-irl plan`` (``commands/plan.py``): a training configuration
 checked for a launch, its parallel layout, parameter count and the memory of each pipeline
-stage's GPUs (``memory_estimate.py``), as a text report. No model is built, nothing imports
-Megatron or torch.
+stage's GPUs (``memory_estimate.py``), as a text report. No model is built and Megatron-Core
+is not imported.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ from typing import Sequence
 
 from megatron_irl.config import ConfigError, TrainConfig
 from megatron_irl.core.checkpoint_files import CheckpointError
-from megatron_irl.core.vocabulary import (
-    check_vocab_padding, padded_vocab_size, real_vocab_size)
+from megatron_irl.core.vocabulary import check_vocab_padding, padded_vocab_size, real_vocab_size
 from megatron_irl.planning import memory_estimate
 from megatron_irl.planning.memory_estimate import GIB, StageMemory
 

@@ -36,5 +36,5 @@ setup(
         # exported models and tokenizers with it.
         "dev": ["pytest", "hypothesis", "transformers==5.24.0", "protobuf"],
     },
-    entry_points={"console_scripts": ["megatron-irl=megatron_irl.cli:main"]},
+    entry_points={"console_scripts": ["megatron-irl=megatron_irl.commands:main"]},
 )

@@ -366,6 +366,9 @@ class TrainConfig:
         if m.num_query_groups is not None and m.num_query_groups % tp:
             raise ConfigError(f"{m.flag('num_query_groups')} {m.num_query_groups} must be "
                               f"divisible by {tp_flag} {tp}")
+        if m.ffn_hidden_size % tp:
+            raise ConfigError(f"{m.flag('ffn_hidden_size')} {m.ffn_hidden_size} must be "
+                              f"divisible by {tp_flag} {tp}")
         if m.num_layers % (pp * vpp):
             divisor = f"{p.flag('pipeline_model_parallel_size')} {pp}"
             if vpp > 1:

@@ -258,10 +258,10 @@ SHORT_RUN = [
 
 
 def train_command(nproc: int, flags: list[str]) -> list[str]:
-    """The command line of ``megatron_irl.train`` on the tiny configuration, ``nproc`` ranks."""
+    """The command line of ``megatron-irl train`` on the tiny configuration, ``nproc`` ranks."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
-    return launcher + ["-m", "megatron_irl.train", "--config", str(TINY), *flags]
+    return launcher + ["-m", "megatron_irl", "train", "--config", str(TINY), *flags]
 
 
 def train_env() -> dict:

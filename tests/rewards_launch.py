@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from megatron_irl.rewards import main
+from megatron_irl.commands.rewards import main
 
 if __name__ == "__main__":
     runs = json.loads(sys.argv[1])

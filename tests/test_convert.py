@@ -207,7 +207,7 @@ def round_trip(tmp_path_factory):
     root = tmp_path_factory.mktemp("round_trip")
     hf_dir, mg_dir, out_dir = (str(root / name) for name in ("hf", "mg", "out"))
     model = make_hf_model(hf_dir, "Qwen2", tie=True, seed=1)
-    imported = run_tool("tools/convert_from_hf.py", "--hf-dir", hf_dir, "--output", mg_dir)
+    imported = run_tool("-m", "megatron_irl", "convert", "from-hf", "--hf-dir", hf_dir, "--output", mg_dir)
     assert imported.returncode == 0, imported.stderr[-3000:]
     convert_to_hf(mg_dir, out_dir, max_shard_bytes=40_000)  # several shards and an index
     return hf_dir, mg_dir, out_dir, model
@@ -263,7 +263,7 @@ def test_finetuned_checkpoint_exports_and_generates_with_transformers(tmp_path):
         config["data"][key] = os.path.join(REPO, config["data"][key])
     config_path = tmp_path / "finetune.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    trained = run_tool("-m", "megatron_irl.train", "--config", str(config_path))
+    trained = run_tool("-m", "megatron_irl", "train", "--config", str(config_path))
     assert trained.returncode == 0, trained.stderr[-3000:]
     convert_to_hf(run_dir, out_dir)
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+from megatron_irl.commands import preprocess
 from megatron_irl.data import SFTDataset, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,7 +50,7 @@ def test_preprocess_cli_writes_a_prefix_the_dataset_reads(tmp_path):
     model = os.path.join(DATA, "tokenizer.model")
     args = ["--input", os.path.join(DATA, "valid.jsonl"), "--tokenizer", model]
     args += ["--output-prefix", prefix]
-    assert load_tool("preprocess_data").main(args) == 0
+    assert preprocess.main(args) == 0
     tokenizer = load_tokenizer(model)
     from_prefix = SFTDataset(prefix, tokenizer, seq_length=64)
     from_jsonl = SFTDataset(os.path.join(DATA, "valid.jsonl"), tokenizer, seq_length=64)
@@ -62,5 +63,5 @@ def test_preprocess_cli_reports_bad_record_and_fails(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "response": "r"}\n{"prompt": 1}\n')
     args = ["--input", str(bad), "--tokenizer", os.path.join(DATA, "tokenizer.model")]
-    assert load_tool("preprocess_data").main(args + ["--output-prefix", str(tmp_path / "o")]) == 1
+    assert preprocess.main(args + ["--output-prefix", str(tmp_path / "o")]) == 1
     assert f"{bad}:2:" in capsys.readouterr().err

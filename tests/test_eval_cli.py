@@ -17,11 +17,11 @@ EVAL_FLAGS = ["--data", str(VALID), "--limit", "4", "--samples", "3", "--max-new
               "--answer-pattern", r"(\S+?)\.?$", "--progress-bar", "off"]
 
 
-def _run(module: str, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
+def _run(command: str, *args: str, nproc: int = 1) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run([*launcher, "-m", module, *args], cwd=REPO, env=env,
+    return subprocess.run([*launcher, "-m", "megatron_irl", command, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -32,7 +32,7 @@ def _samples(directory: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def evaluated(tiny_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("eval")
-    result = _run("megatron_irl.evaluate", "--load", tiny_checkpoint, *EVAL_FLAGS,
+    result = _run("eval", "--load", tiny_checkpoint, *EVAL_FLAGS,
                   "--temperature", "0", "1.0", "--beam-size", "2", "--output-dir", str(out))
     assert result.returncode == 0, result.stderr[-4000:]
     return out
@@ -58,7 +58,7 @@ def test_eval_writes_every_sample_and_the_tradeoff_plot(evaluated):
 def test_eval_split_over_two_data_parallel_ranks_draws_the_same_samples(evaluated,
                                                                           tiny_checkpoint,
                                                                           tmp_path):
-    result = _run("megatron_irl.evaluate", "--load", tiny_checkpoint, *EVAL_FLAGS,
+    result = _run("eval", "--load", tiny_checkpoint, *EVAL_FLAGS,
                   "--temperature", "1.0", "--output-dir", str(tmp_path), nproc=2)
     assert result.returncode == 0, result.stderr[-4000:]
     single = [(s["line"], s["sample"], s["response"]) for s in _samples(evaluated)
@@ -70,7 +70,7 @@ def test_rewards_reads_eval_samples_and_writes_returns_and_the_correlation(evalu
                                                                           tiny_checkpoint,
                                                                           tmp_path):
     output = tmp_path / "rewards.jsonl"
-    result = _run("megatron_irl.rewards", "--load", tiny_checkpoint, "--data",
+    result = _run("rewards", "--load", tiny_checkpoint, "--data",
                   str(evaluated / "samples.jsonl"), "--output", str(output))
     assert result.returncode == 0, result.stderr[-4000:]
     lines = [json.loads(line) for line in output.read_text().splitlines()]
@@ -91,7 +91,7 @@ def test_rewards_reads_eval_samples_and_writes_returns_and_the_correlation(evalu
 def test_malformed_eval_data_is_an_error_naming_its_line(tiny_checkpoint, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"prompt": "Q: 1+1?\\nA:", "response": " 2"}\n{"prompt": 3}\n')
-    result = _run("megatron_irl.evaluate", "--load", tiny_checkpoint, "--data", str(data),
+    result = _run("eval", "--load", tiny_checkpoint, "--data", str(data),
                   "--output-dir", str(tmp_path))
     assert result.returncode == 1
     assert f"{data}:2" in result.stderr
@@ -102,7 +102,7 @@ def test_a_score_missing_from_some_records_is_an_error_naming_its_line(tiny_chec
     data = tmp_path / "scored.jsonl"
     data.write_text('{"prompt": "a", "response": " b", "score": 1}\n'
                     '{"prompt": "c", "response": " d"}\n')
-    result = _run("megatron_irl.rewards", "--load", tiny_checkpoint, "--data", str(data),
+    result = _run("rewards", "--load", tiny_checkpoint, "--data", str(data),
                   "--output", str(tmp_path / "r.jsonl"))
     assert result.returncode == 1
     assert f"{data}:2" in result.stderr and "'score'" in result.stderr
@@ -115,7 +115,7 @@ def test_a_score_missing_from_some_records_is_an_error_naming_its_line(tiny_chec
     (["--temperature"], "--temperature"),
 ])
 def test_eval_rejects_a_bad_flag_naming_it(flags, named, capsys):
-    from megatron_irl.evaluate import main
+    from megatron_irl.commands.eval import main
 
     assert main(["--load", "x", "--data", "y", *flags]) == 2
     assert named in capsys.readouterr().err
@@ -132,7 +132,7 @@ def test_plot_tradeoff_combines_the_reports_of_several_runs(evaluated, tmp_path)
 
 
 def test_eval_default_response_length_fits_the_checkpoints_positions(tiny_checkpoint, tmp_path):
-    result = _run("megatron_irl.evaluate", "--load", tiny_checkpoint, "--data", str(VALID),
+    result = _run("eval", "--load", tiny_checkpoint, "--data", str(VALID),
                   "--limit", "1", "--temperature", "0", "--progress-bar", "off",
                   "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-4000:]
@@ -150,7 +150,7 @@ def test_prompt_longer_than_the_model_names_its_line(tiny_checkpoint, tmp_path):
     data.write_text('{"prompt": "Q: 1+1?\\nA:", "response": " 2"}\n'
                     + json.dumps({"prompt": "Q: " + "1+" * 200 + "1?\\nA:", "response": " 2"})
                     + "\n")
-    result = _run("megatron_irl.evaluate", "--load", tiny_checkpoint, "--data", str(data),
+    result = _run("eval", "--load", tiny_checkpoint, "--data", str(data),
                   "--output-dir", str(tmp_path))
     assert result.returncode == 1
     assert f"{data}:2: the prompt has" in result.stderr
@@ -158,7 +158,7 @@ def test_prompt_longer_than_the_model_names_its_line(tiny_checkpoint, tmp_path):
 
 
 def test_ckpt_step_without_that_checkpoint_names_the_usable_one(tiny_checkpoint, tmp_path):
-    result = _run("megatron_irl.evaluate", "--load", tiny_checkpoint, "--data", str(VALID),
+    result = _run("eval", "--load", tiny_checkpoint, "--data", str(VALID),
                   "--ckpt-step", "5", "--output-dir", str(tmp_path))
     assert result.returncode == 1
     assert ("(iteration 5, chosen by --ckpt-step 5) is unusable: the directory does not exist; "

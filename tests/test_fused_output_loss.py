@@ -294,7 +294,7 @@ def _train_losses(tmp_path: Path, name: str, nproc: int, *flags: str) -> list[fl
                 f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable]
     result = subprocess.run(
         launcher + [
-            "-m", "megatron_irl.train", "--config", "examples/tiny.yaml",
+            "-m", "megatron_irl", "train", "--config", "examples/tiny.yaml",
             "--train-iters", "3", "--lr-warmup-iters", "1", "--log-interval", "1",
             "--progress-bar", "off", "--tensorboard-dir=", "--valid-data-path=", "--save=",
             "--save-interval=", "--metrics-file", str(metrics), *flags,

@@ -160,7 +160,7 @@ def test_fused_output_model_refuses_postprocess_arguments_it_cannot_honour(argum
 # --- the planner follows the FP8 choices ------------------------------------------------------
 
 def _stage0(checkpoint=None, **training):
-    from megatron_irl.planning import estimate_memory
+    from megatron_irl.planning.memory_estimate import estimate_memory
 
     cfg = TrainConfig.from_dict({
         "checkpoint": checkpoint or {},
@@ -172,7 +172,7 @@ def _stage0(checkpoint=None, **training):
 
 
 def test_plan_counts_fp8_weights_gathered_in_fp8_one_byte_smaller_each():
-    from megatron_irl.planning import _layer_linear_weights
+    from megatron_irl.planning.memory_estimate import _layer_linear_weights
 
     plain = _stage0(fp8_format="hybrid")
     gathered = _stage0(fp8_format="hybrid", fp8_param_gather=True)
@@ -204,7 +204,7 @@ def test_plan_counts_one_data_parallel_shard_for_a_dp_reshardable_save():
 
 
 def test_plan_prints_the_host_memory_of_a_save_per_node(capsys, monkeypatch):
-    from megatron_irl import plan
+    from megatron_irl.commands import plan
 
     monkeypatch.chdir(REPO)
     assert plan.main(["--config", "examples/recipes/llama3-8b.yaml", "--nodes", "1",
@@ -216,7 +216,7 @@ def test_plan_prints_the_host_memory_of_a_save_per_node(capsys, monkeypatch):
 
 
 def test_plan_prints_a_quarter_of_the_save_memory_for_dp_reshardable_at_dp4(capsys, monkeypatch):
-    from megatron_irl import plan
+    from megatron_irl.commands import plan
 
     monkeypatch.chdir(REPO)
     per_gpu = {}
@@ -247,7 +247,7 @@ def test_distributed_timeout_reaches_the_process_group(monkeypatch):
 
 
 def test_train_command_reports_a_gpu_launch_without_cuda_as_an_error(monkeypatch, capsys, tmp_path):
-    from megatron_irl.train import main
+    from megatron_irl.commands.train import main
 
     data = tmp_path / "train.jsonl"
     data.write_text("{}\n")

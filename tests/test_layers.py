@@ -20,12 +20,12 @@ LAYERS = [
     ("foundation", {"cpu_support": ["cpu_support"], "data": ["data"], "loss": ["loss"]}, True),
     ("configuration", {"configuration": ["config", "config_model", "config_schema",
                                          "config_online", "arguments"]}, False),
-    ("core", {"core": ["core", "planning", "testing"]}, False),
+    ("core", {"core": ["core", "testing"]}, False),
     ("inference", {"inference": ["inference"]}, False),
     ("applications", {"training": ["training"], "evaluation": ["evaluation"],
-                      "convert": ["convert"]}, True),
-    # the package's own __init__ (its public names) sits on top with the commands
-    ("commands", {"commands": ["", "train", "evaluate", "rewards", "plan", "cli"]}, False),
+                      "convert": ["convert"], "planning": ["planning"]}, True),
+    # the package's own __init__ (its public names) and __main__ sit on top with the commands
+    ("commands", {"commands": ["", "commands", "__main__"]}, False),
 ]
 
 

@@ -135,7 +135,7 @@ def test_bundled_data_packs_into_segments_whose_positions_restart_and_attend_ali
 def test_planner_drops_the_attention_scores_where_training_packs_as_thd(transformer_impl, loss,
                                                                         thd):
     from megatron_irl.config import TrainConfig
-    from megatron_irl.planning import layer_activation_bytes, packs_as_thd
+    from megatron_irl.planning.memory_estimate import layer_activation_bytes, packs_as_thd
 
     cfg = TrainConfig.from_dict({
         "model": {"num_layers": 2, "hidden_size": 256, "num_attention_heads": 4,

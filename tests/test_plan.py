@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_irl import plan, planning
 from megatron_irl.arguments import load_train_config
+from megatron_irl.commands import plan
 from megatron_irl.config import TrainConfig
 from megatron_irl.core.vocabulary import padded_vocab_size
+from megatron_irl.planning import memory_estimate as planning
 from megatron_irl.testing import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]

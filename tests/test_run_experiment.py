@@ -24,13 +24,19 @@ def _run_experiment(config: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """The bundled arithmetic experiment, reduced to 3 training steps per stage and 3 prompts."""
+    """The bundled arithmetic experiment, reduced to 3 training steps per stage (checkpoints
+    at 2 and 3, the better one on 3 validation prompts evaluated) and 3 test prompts."""
     tmp = tmp_path_factory.mktemp("experiment")
     config = yaml.safe_load((REPO / "examples" / "arithmetic" / "experiment.yaml").read_text())
     config["output_dir"] = str(tmp / "out")
+    config["pretrain_dir"] = str(tmp / "pretrain")
+    config["finetune_flags"] = ["--save-interval", 2]
+    config["selection"] = {"data": "examples/arithmetic/valid.jsonl", "limit": 3,
+                           "max_new_tokens": 8}
     config["reduced"].update(
         pretrain_flags=SHORT_RUN, finetune_flags=SHORT_RUN,
-        eval={"limit": 3, "samples": 2, "temperatures": [0, 1.0], "max_new_tokens": 8})
+        eval={"limit": 3, "samples": 2, "temperatures": [0, 0.7, 1.0], "beam_sizes": [2],
+              "max_new_tokens": 8, "reward_gammas": [None, 0.9]})
     path = tmp / "experiment.yaml"
     path.write_text(yaml.safe_dump(config))
     result = _run_experiment(path)
@@ -38,31 +44,61 @@ def experiment(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return path, result
 
 
-def _results_rows(out: Path) -> list[list[str]]:
-    lines = (out / "results.md").read_text().splitlines()
-    return [[cell.strip() for cell in line.strip("|").split("|")]
-            for line in lines if line.startswith("| ") and not line.startswith("| method")]
+def _table(out: Path, heading: str) -> list[list[str]]:
+    """The rows of the first table after the ``## <heading>`` line of results.md."""
+    text = (out / "results.md").read_text()
+    lines = text[text.index(f"## {heading}"):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("| "):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
 
 
-def test_reduced_experiment_reports_every_method_at_every_temperature(experiment):
+def test_reduced_experiment_reports_every_method_at_every_decoding_setting(experiment):
     path, result = experiment
-    out = path.parent / "out_reduced"
-    rows = _results_rows(out)
+    rows = _table(path.parent / "out_reduced", "Test split")
+    settings = ["greedy", "T=0.7", "T=1", "beam=2"]
     assert [(row[0], row[1]) for row in rows] == [
-        ("MLE", "0"), ("MLE", "1"), ("IQ-Learn lambda=0.1", "0"), ("IQ-Learn lambda=0.1", "1")]
-    for method, temperature, accuracy, self_bleu, *_, within, across, _nll in rows:
+        (method, setting) for method in ("MLE", "IQ-Learn lambda=0.1") for setting in settings]
+    for _, setting, accuracy, self_bleu, *_ in rows:
         assert 0.0 <= float(accuracy) <= 1.0
-        # Greedy decoding gives one response per prompt: no Self-BLEU, no within-prompt ranks.
-        assert (self_bleu == "-") == (temperature == "0")
-        if temperature == "0":  # (sampled prompts may lack one too: equal scores)
-            assert within == "- / -"
-        assert len(across.split(" / ")) == 3
-    assert "| method | T | accuracy | Self-BLEU" in result.stdout  # the table is printed
+        # Greedy and beam search give one response per prompt: no Self-BLEU.
+        assert (self_bleu == "-") == (setting in ("greedy", "beam=2"))
+    assert "## Test split" in result.stdout  # the report is printed
 
 
-def test_reduced_experiment_saves_the_plot_and_a_hugging_face_export(experiment):
+def test_each_run_evaluates_its_best_saved_checkpoint_on_the_validation_split(experiment):
+    path, _ = experiment
+    out = path.parent / "out_reduced"
+    rows = _table(out, "Checkpoint selection")
+    assert [row[0] for row in rows] == ["MLE", "IQ-Learn lambda=0.1"]
+    for method, selected, at_2, at_3 in rows:
+        best = 2 if float(at_2) >= float(at_3) else 3  # one seed: cells are plain values
+        assert float(selected) == best, method
+    report = yaml.safe_load((out / "MLE" / "seed1" / "eval" / "report.json").read_text())
+    assert report["iteration"] == int(float(rows[0][1]))
+
+
+def test_rewards_are_analysed_per_discount_and_setting(experiment):
+    rows = _table(experiment[0].parent / "out_reduced", "Extracted rewards")
+    assert {(row[0], row[1]) for row in rows} == {
+        (method, discount) for method in ("MLE", "IQ-Learn lambda=0.1")
+        for discount in ("own", "gamma=0.9")}
+    assert all(len(row[4].split(" / ")) == 3 for row in rows)
+
+
+def test_matched_diversity_compares_each_method_with_the_first(experiment):
+    rows = _table(experiment[0].parent / "out_reduced", "Accuracy at matched diversity")
+    assert [row[0] for row in rows] == ["IQ-Learn lambda=0.1"]
+
+
+def test_reduced_experiment_saves_the_plots_and_a_hugging_face_export(experiment):
     out = experiment[0].parent / "out_reduced"
     assert (out / "tradeoff.png").read_bytes().startswith(b"\x89PNG")
+    assert (out / "validation.png").read_bytes().startswith(b"\x89PNG")
     assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(
         os.listdir(out / "hf" / "MLE"))
 

@@ -1,4 +1,4 @@
-"""The training job end to end: real torchrun launches of ``megatron_irl.train`` on CPU/gloo.
+"""The training job end to end: real torchrun launches of ``megatron-irl train`` on CPU/gloo.
 
 Every run uses the bundled tiny configuration, shortened, and writes its per-step scalars to a
 JSONL metrics file that the tests compare. Dropout is 0 in that configuration, so runs that
@@ -265,8 +265,8 @@ def poisoned_pipeline_run(tmp_path_factory):
     command = train_command(2, [*SHORT_RUN, "--train-iters", "10", "--save", str(save),
                            "--save-interval", "1", "--metrics-file", str(metrics),
                            "--pipeline-model-parallel-size", "2", "--max-nonfinite-steps", "3"])
-    module = command.index("megatron_irl.train")  # run the poisoning script instead
-    command[module - 1:module + 1] = [str(REPO / "tests" / "train_with_poisoned_steps.py")]
+    module = command.index("megatron_irl")  # run the poisoning script instead
+    command[module - 1:module + 2] = [str(REPO / "tests" / "train_with_poisoned_steps.py")]
     result = subprocess.run(command, cwd=REPO, env={**train_env(), "POISONED_STEPS": "2,3,5,6,7"},
                             capture_output=True, text=True, timeout=600)
     steps = [json.loads(line) for line in metrics.read_text().splitlines()]

@@ -187,7 +187,7 @@ def test_rewards_command_at_tp2_gives_transformers_log_probs_for_qwen2(imported,
     output = tmp_path / "rewards.jsonl"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         "-m", "megatron_irl.rewards", "--load", out_dirs["Qwen2"], "--data", str(data),
+         "-m", "megatron_irl", "rewards", "--load", out_dirs["Qwen2"], "--data", str(data),
          "--output", str(output), "--tensor-model-parallel-size", "2"],
         cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"),
         capture_output=True, text=True, timeout=600)

@@ -1,4 +1,4 @@
-"""``megatron_irl.train`` with the loss of chosen steps made NaN, for the fault-injection tests.
+"""``megatron-irl train`` with the loss of chosen steps made NaN, for the fault-injection tests.
 
 ``POISONED_STEPS=2,3`` (1-based step numbers) multiplies the last stage's logits by NaN in
 those steps, as a diverging model or a bad batch would: the loss, the metrics and (through
@@ -10,7 +10,7 @@ its flags.
 import os
 import sys
 
-from megatron_irl import train
+from megatron_irl.commands import train
 from megatron_irl.training.objectives import OBJECTIVES, SoftQObjective
 
 

@@ -23,7 +23,7 @@ an experiment):
   5. write ``results.md`` (mean +- standard error over seeds: validation curves, test
      metrics, the score gap to the first method at matched diversity, reward correlations),
      ``tradeoff.png`` and ``validation.png`` to the output directory, and export the first
-     method's first seed to Hugging Face format.
+     method's first seed (its evaluated checkpoint) to Hugging Face format.
 ``--reduced`` uses the file's ``reduced`` section (fewer methods, seeds and prompts): the
 README's demo. Every command runs as a subprocess with its log under the output directory;
 ``--jobs N`` runs N (method, seed) runs at once, each with OMP_NUM_THREADS = cores / N.
@@ -69,7 +69,7 @@ def _run(command: list[str], log_path: str, threads: int | None = None) -> None:
 
 
 def _megatron_irl(command: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "megatron_irl.cli", command, *args]
+    return [sys.executable, "-m", "megatron_irl", *command.split(), *args]
 
 
 def _finished(checkpoint_dir: str) -> bool:
@@ -277,11 +277,13 @@ def main(argv=None) -> int:
 
     text = _write_report(args, plan, results, out)
     first_method = next(iter(plan["methods"]))
+    first_run = results[first_method][0]
     hf_dir = os.path.join(out, "hf", first_method.replace(" ", "_"))
     if not os.path.exists(os.path.join(hf_dir, "config.json")):
-        _run([sys.executable, "tools/convert_to_hf.py", "--load",
-              os.path.join(out, first_method.replace(" ", "_"), f"seed{plan['seeds'][0]}",
-                           "checkpoints"), "--output", hf_dir],
+        _run(_megatron_irl("convert to-hf", "--load",
+                           os.path.join(out, first_method.replace(" ", "_"),
+                                        f"seed{plan['seeds'][0]}", "checkpoints"),
+                           "--ckpt-step", str(first_run["selected_step"]), "--output", hf_dir),
              os.path.join(out, "convert_to_hf.log"))
     print(f"\n{text}\nwrote {out}/results.md, {out}/tradeoff.png, {out}/validation.png, "
           f"{hf_dir} ({time.monotonic() - started:.0f} s)")

@@ -32,16 +32,9 @@ from megatron_irl.convert.hf_files import (
     write_sentencepiece_tokenizer,
 )
 from megatron_irl.convert.mapping import Dims, Rule, active_rules
+from megatron_irl.core.checkpoint_files import choose_iteration, iteration_dir
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
-
-
-def _checkpoint_directory(load_dir: str) -> str:
-    """The latest complete checkpoint under ``load_dir``, once its files pass the manifest
-    check (CheckpointError naming a damaged file and the newest usable iteration)."""
-    from megatron_irl.core.checkpoint_files import choose_iteration, iteration_dir
-
-    return iteration_dir(load_dir, choose_iteration(load_dir))
 
 
 def _slice_planner(offsets: dict[str, tuple[int, ...]]):
@@ -102,12 +95,13 @@ class CheckpointReader:
                 for key, tensor in destinations.items()}
 
 
-def convert_to_hf(load_dir: str, output_dir: str, *, tokenizer: str | None = None,
-                  family: str | None = None, vocab_size: int | None = None,
-                  dtype: str | None = None,
+def convert_to_hf(load_dir: str, output_dir: str, *, ckpt_step: int | None = None,
+                  tokenizer: str | None = None, family: str | None = None,
+                  vocab_size: int | None = None, dtype: str | None = None,
                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
     """Write ``output_dir`` with config.json, generation_config.json, the tokenizer files and
-    safetensors shards of the latest checkpoint in ``load_dir``; returns the weight files.
+    safetensors shards of the latest complete checkpoint in ``load_dir`` (or of iteration
+    ``ckpt_step``), once its files pass the manifest check; returns the weight files.
 
     Args:
         tokenizer: a Hugging Face tokenizer directory or a sentencepiece ``.model`` file;
@@ -129,7 +123,7 @@ def convert_to_hf(load_dir: str, output_dir: str, *, tokenizer: str | None = Non
 
     Local to this process; needs no process group.
     """
-    checkpoint = _checkpoint_directory(load_dir)
+    checkpoint = iteration_dir(load_dir, choose_iteration(load_dir, ckpt_step))
     state = read_json(os.path.join(checkpoint, "training_state.json"))
     model = state["config"]["model"]
     padded_vocab = state["model_architecture"]["padded_vocab_size"]

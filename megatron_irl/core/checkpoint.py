@@ -86,6 +86,7 @@ from megatron.core.utils import unwrap_model
 
 from megatron_irl.config import ModelConfig
 from megatron_irl.core.checkpoint_files import (  # noqa: F401 (this module's interface)
+    FORMAT_VERSION,
     STATE_FILENAME,
     TRACKER_FILENAME,
     CheckpointError,
@@ -95,6 +96,8 @@ from megatron_irl.core.checkpoint_files import (  # noqa: F401 (this module's in
     fsync_path,
     iteration_dir,
     latest_iteration,
+    read_saved_state,
+    read_training_state,
     remove_old_checkpoints,
     replace_file_atomically,
     write_file_synced,
@@ -106,7 +109,6 @@ from megatron_irl.core.rng_state import restore_rng, rng_sharded_state_dict
 log = logging.getLogger(__name__)
 
 CONFIG_FILENAME = "config.yaml"
-FORMAT_VERSION = 1
 # The distributed optimizer's checkpoint formats (megatron-core's
 # ``distrib_optim_sharding_type``; its default in 0.16 cannot be saved at all):
 # "fully_reshardable" stores one canonical tensor per parameter and state, loadable at any
@@ -137,13 +139,6 @@ class TrainingState:
                 raise ValueError(f"TrainingState.{name} must be an int >= 0, got {value!r}")
         if not isinstance(self.config, dict):
             raise ValueError(f"TrainingState.config must be a dict, got {type(self.config)}")
-
-
-def read_saved_state(load_dir: str, ckpt_step: int | None = None) -> dict:
-    """The training-state JSON (iteration, config, model architecture, ...) of the latest
-    complete checkpoint under ``load_dir`` (or of iteration ``ckpt_step``), once its files
-    pass the manifest check; local, no collectives. Raises CheckpointError."""
-    return _read_training_state(iteration_dir(load_dir, choose_iteration(load_dir, ckpt_step)))
 
 
 def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, optimizer,
@@ -270,7 +265,7 @@ def load_checkpoint(load_dir: str, model_chunks: list, optimizer=None, scheduler
     iteration = _on_rank0(lambda: choose_iteration(load_dir, ckpt_step),
                           "choose and check a checkpoint in " + load_dir)
     directory = iteration_dir(load_dir, iteration)
-    saved = _read_training_state(directory)
+    saved = read_training_state(directory)
     models = unwrap_model(model_chunks)
     _check_architecture(saved["model_architecture"], model_architecture(models[0]), directory)
 
@@ -476,24 +471,6 @@ def _prepare_iteration_dir(save_dir: str, iteration: int) -> int:
         shutil.rmtree(directory)
     os.makedirs(directory)
     return 0
-
-
-def _read_training_state(directory: str) -> dict:
-    path = os.path.join(directory, STATE_FILENAME)
-    try:
-        with open(path, encoding="utf-8") as file:
-            saved = json.load(file)
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"{path} is missing, although {TRACKER_FILENAME} names this checkpoint: the "
-            f"checkpoint was moved or deleted in part") from None
-    except ValueError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc}); load an older iteration with "
-                              f"--ckpt-step N") from None
-    if saved.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {saved.get('format_version')!r}; this "
-                              f"version of megatron_irl reads {FORMAT_VERSION}")
-    return saved
 
 
 def _on_rank0(action: Callable[[], int], what: str) -> int:

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 MANIFEST_FILENAME = "manifest.json"
 STATE_FILENAME = "training_state.json"
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
+FORMAT_VERSION = 1  # of training_state.json
 _ITERATION_DIR = re.compile(r"iter_(\d{7})")
 
 
@@ -131,6 +132,33 @@ def choose_iteration(load_dir: str, ckpt_step: int | None = None) -> int:
     chosen = f"--ckpt-step {ckpt_step}" if ckpt_step is not None else TRACKER_FILENAME
     raise CheckpointError(f"checkpoint {directory} (iteration {iteration}, chosen by {chosen}) "
                           f"is unusable: {problem}; {advice}")
+
+
+def read_training_state(directory: str) -> dict:
+    """The training-state JSON of the checkpoint in ``directory`` (iteration, config, model
+    architecture, ...). Raises CheckpointError."""
+    path = os.path.join(directory, STATE_FILENAME)
+    try:
+        with open(path, encoding="utf-8") as file:
+            saved = json.load(file)
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path} is missing, although {TRACKER_FILENAME} names this checkpoint: the "
+            f"checkpoint was moved or deleted in part") from None
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc}); load an older iteration with "
+                              f"--ckpt-step N") from None
+    if saved.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {saved.get('format_version')!r}; this "
+                              f"version of megatron_irl reads {FORMAT_VERSION}")
+    return saved
+
+
+def read_saved_state(load_dir: str, ckpt_step: int | None = None) -> dict:
+    """The training-state JSON (iteration, config, model architecture, ...) of the latest
+    complete checkpoint under ``load_dir`` (or of iteration ``ckpt_step``), once its files
+    pass the manifest check; local, no collectives. Raises CheckpointError."""
+    return read_training_state(iteration_dir(load_dir, choose_iteration(load_dir, ckpt_step)))
 
 
 def remove_old_checkpoints(root: str, keep_last: int) -> list[str]:

@@ -4,8 +4,10 @@ to equal tensor-parallel shards (rows that are no token)."""
 from __future__ import annotations
 
 import math
+import os
 
-from megatron_irl.config import ConfigError, ModelConfig
+from megatron_irl.config import ConfigError, ModelConfig, TrainConfig
+from megatron_irl.core.checkpoint_files import read_saved_state
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
@@ -36,3 +38,43 @@ def real_vocab_size(model: ModelConfig, tokenizer_vocab: int) -> int:
             f"{tokenizer_vocab} tokens (--tokenizer-model): its ids would have no probability; "
             f"set {model.flag('vocab_size')} >= {tokenizer_vocab} or leave it unset")
     return model.vocab_size
+
+
+def saved_padded_vocab_size(load_dir: str, ckpt_step: int | None = None) -> int | None:
+    """The padded vocabulary rows of the checkpoint ``--load`` (``--ckpt-step``) chooses,
+    from its training_state.json; None for a checkpoint that does not record them. Raises
+    CheckpointError when there is no usable checkpoint."""
+    return read_saved_state(load_dir, ckpt_step).get("model_architecture", {}).get(
+        "padded_vocab_size")
+
+
+def check_vocab_padding(cfg: TrainConfig, vocab_size: int) -> None:
+    """With ``--load``: this TP's padding of the ``vocab_size`` real tokens must give the
+    checkpoint's embedding rows, or the model would not load (or would be built wrong).
+
+    The rows are the checkpoint's own (``saved_padded_vocab_size``) where the ``--load``
+    directory exists; otherwise (``megatron-irl plan`` before the import has run) the
+    checkpoint is taken to be padded at a TP that divides ``--make-vocab-size-divisible-by``,
+    as the Hugging Face import pads. ``megatron-irl plan`` and the trainer's start both run
+    this. Raises ConfigError naming the flags, CheckpointError for an unusable checkpoint.
+    """
+    load = cfg.checkpoint.load
+    if load is None:
+        return
+    checkpoint_rows = (saved_padded_vocab_size(load, cfg.checkpoint.ckpt_step)
+                       if os.path.isdir(load) else None)
+    m, p = cfg.model, cfg.parallel
+    divisor, tp = m.make_vocab_size_divisible_by, p.tensor_model_parallel_size
+    here = padded_vocab_size(vocab_size, divisor, tp)
+    expected = (checkpoint_rows if checkpoint_rows is not None
+                else padded_vocab_size(vocab_size, divisor, 1))
+    if here == expected:
+        return
+    advice = (f"use a TP size that divides {divisor}" if expected == padded_vocab_size(
+        vocab_size, divisor, 1) else f"use the TP size the checkpoint was trained at, or one "
+                                     f"whose lcm with {divisor} pads to {expected} rows")
+    raise ConfigError(
+        f"{p.flag('tensor_model_parallel_size')} {tp} with "
+        f"{m.flag('make_vocab_size_divisible_by')} {divisor} pads the {vocab_size}-token "
+        f"vocabulary to {here} rows (a multiple of lcm({divisor}, {tp})), but the checkpoint "
+        f"--load {load} has {expected}: {advice}")

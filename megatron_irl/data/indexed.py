@@ -103,7 +103,7 @@ class IndexedDocuments:
         if meta["tokenizer"] != expected:
             raise DataError(
                 f"{prefix}: preprocessed with a different tokenizer ({meta['tokenizer']}) than the "
-                f"one given ({expected}); rerun tools/preprocess_data.py with this tokenizer"
+                f"one given ({expected}); rerun megatron-irl preprocess with this tokenizer"
             )
         self.source = meta["source"]
         self.report = DataReport(source=self.source, strict=strict,

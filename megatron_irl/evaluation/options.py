@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from types import UnionType
 from typing import Literal, Sequence, get_args, get_origin, get_type_hints
 
@@ -17,21 +17,33 @@ class OptionsError(ValueError):
     """An invalid command line; the message names the flag."""
 
 
+def _option(default, help: str):
+    """A field with its ``--help`` text (the flag is the name: ``max_new_tokens`` ->
+    ``--max-new-tokens``)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class InferenceOptions:
     """What both commands share: the checkpoint, the data and the layout to run at."""
 
-    load: str
-    data: str
-    ckpt_step: int | None = None  # unset: the latest complete checkpoint
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    tokenizer_model: str | None = None  # unset: the checkpoint's --tokenizer-model
-    chat_template: str | None = None  # unset: the checkpoint's --chat-template
-    micro_batch_size: int = 16  # sequences per forward
-    limit: int | None = None  # first N records only
-    seed: int = 1234
-    progress_bar: Literal["auto", "on", "off"] = "auto"
+    load: str = field(metadata={"help": "checkpoint directory (a --save directory of "
+                                        "megatron-irl train)"})
+    data: str = field(metadata={"help": "JSONL records: prompt/response or messages"})
+    ckpt_step: int | None = _option(
+        None, "load this iteration of --load; unset: the latest complete one")
+    tensor_model_parallel_size: int = _option(1, "tensor-parallel size to run the model at")
+    pipeline_model_parallel_size: int = _option(1, "pipeline stages to run the model at")
+    tokenizer_model: str | None = _option(
+        None, "tokenizer; unset: the one the checkpoint was trained with")
+    chat_template: str | None = _option(
+        None, "Jinja chat template file for chat records; unset: the one the checkpoint was "
+              "trained with, else the tokenizer's own")
+    micro_batch_size: int = _option(16, "sequences per forward pass")
+    limit: int | None = _option(None, "use the first N records only")
+    seed: int = _option(1234, "seed of the sampling (each sample has its own stream)")
+    progress_bar: Literal["auto", "on", "off"] = _option(
+        "auto", "progress bar; auto: on when stderr is a terminal")
 
     def __post_init__(self) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
@@ -46,15 +58,21 @@ class InferenceOptions:
 class EvalOptions(InferenceOptions):
     """``megatron-irl eval``: sample, score and measure diversity."""
 
-    output_dir: str = "eval"
-    samples: int = 4  # per prompt and temperature
-    temperature: tuple[float, ...] = (1.0,)  # 0: greedy, one sample per prompt
-    top_k: int = 0
-    top_p: float = 1.0
-    beam_size: tuple[int, ...] = ()  # beam searches, one response per prompt each
-    length_penalty: float = 1.0
-    max_new_tokens: int | None = None  # unset: the positions the longest prompt leaves
-    answer_pattern: str | None = None  # unset: GSM8k's "#### <number>"
+    output_dir: str = _option("eval", "where report.json, samples.jsonl and the plot go")
+    samples: int = _option(4, "samples per prompt at each temperature (Self-BLEU needs >= 2)")
+    temperature: tuple[float, ...] = _option(
+        (1.0,), "sampling temperatures to sweep; 0 is greedy (one response per prompt)")
+    top_k: int = _option(0, "sample from the k most likely tokens only; 0: off")
+    top_p: float = _option(
+        1.0, "sample from the smallest set of tokens with this probability; 1: off")
+    beam_size: tuple[int, ...] = _option((), "beam sizes to sweep (one response per prompt each)")
+    length_penalty: float = _option(1.0, "beam search ranks hypotheses by log-prob / "
+                                         "length**this")
+    max_new_tokens: int | None = _option(
+        None, "longest response, in tokens (EOS included); unset: all the model's positions "
+              "that the longest prompt leaves")
+    answer_pattern: str | None = _option(
+        None, "regex whose first group is the final answer; unset: '#### <number>'")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,9 +91,11 @@ class EvalOptions(InferenceOptions):
 class RewardsOptions(InferenceOptions):
     """``megatron-irl rewards``: per-token rewards and returns of (prompt, response) pairs."""
 
-    output: str = "rewards.jsonl"
-    gamma: float | None = None  # unset: the checkpoint's --irl-gamma
-    score_field: str = "score"  # records' task score, for the rank correlation
+    output: str = _option("rewards.jsonl", "JSONL file of per-token rewards and returns")
+    gamma: float | None = _option(
+        None, "discount of the rewards; unset: the checkpoint's --irl-gamma")
+    score_field: str = _option(
+        "score", "record field holding a task score, for the Spearman correlation")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,38 +111,9 @@ def _require(condition: bool, name: str, what: str) -> None:
         raise OptionsError(f"{_flag(name)} must {what}")
 
 
-_HELP = {
-    "load": "checkpoint directory (a --save directory of megatron-irl train)",
-    "data": "JSONL records: prompt/response or messages",
-    "ckpt_step": "load this iteration of --load; unset: the latest complete one",
-    "tokenizer_model": "tokenizer; unset: the one the checkpoint was trained with",
-    "chat_template": "Jinja chat template file for chat records; unset: the one the "
-                     "checkpoint was trained with, else the tokenizer's own",
-    "tensor_model_parallel_size": "tensor-parallel size to run the model at",
-    "pipeline_model_parallel_size": "pipeline stages to run the model at",
-    "micro_batch_size": "sequences per forward pass",
-    "seed": "seed of the sampling (each sample has its own stream)",
-    "progress_bar": "progress bar; auto: on when stderr is a terminal",
-    "top_k": "sample from the k most likely tokens only; 0: off",
-    "top_p": "sample from the smallest set of tokens with this probability; 1: off",
-    "length_penalty": "beam search ranks hypotheses by log-prob / length**this",
-    "max_new_tokens": "longest response, in tokens (EOS included); unset: all the model's "
-                      "positions that the longest prompt leaves",
-    "limit": "use the first N records only",
-    "output_dir": "where report.json, samples.jsonl and the plot go",
-    "samples": "samples per prompt at each temperature (Self-BLEU needs >= 2)",
-    "temperature": "sampling temperatures to sweep; 0 is greedy (one response per prompt)",
-    "beam_size": "beam sizes to sweep (one response per prompt each)",
-    "answer_pattern": "regex whose first group is the final answer; unset: '#### <number>'",
-    "output": "JSONL file of per-token rewards and returns",
-    "gamma": "discount of the rewards; unset: the checkpoint's --irl-gamma",
-    "score_field": "record field holding a task score, for the Spearman correlation",
-}
-
-
 def _argument_kwargs(f, hint) -> dict:
     """argparse keywords for dataclass field ``f`` of resolved type ``hint``."""
-    kwargs = {"dest": f.name, "help": _HELP.get(f.name, "")}
+    kwargs = {"dest": f.name, "help": f.metadata["help"]}
     if f.default is MISSING:
         kwargs["required"] = True
     elif f.default is not None:

@@ -41,7 +41,7 @@ from megatron_irl.core.model import (
     uses_thd,
     wrap_data_parallel,
 )
-from megatron_irl.core.vocabulary import real_vocab_size
+from megatron_irl.core.vocabulary import check_vocab_padding, real_vocab_size
 from megatron_irl.cpu_support import current_device
 from megatron_irl.data import (
     EvalBatches,
@@ -260,7 +260,7 @@ def _restore(cfg: TrainConfig, trainable: Trainable, log: TrainingLogger) -> Tra
 
 def train(cfg: TrainConfig) -> TrainingState:
     """Run (or resume) the training job described by ``cfg``; returns the final state."""
-    install_stop_handlers()  # idempotent; ``megatron_irl.train`` installs them earlier still
+    install_stop_handlers()  # idempotent; ``megatron-irl train`` installs them earlier still
     init_distributed(cfg.parallel, cfg.training.seed, cfg.training.device)
     try:
         with TrainingLogger(cfg.logging, cfg.training.train_iters, is_logging_rank()) as log:
@@ -268,6 +268,7 @@ def train(cfg: TrainConfig) -> TrainingState:
             # Concrete from here on (and in the checkpoints' config): every loss masks the
             # padding above it, and eval / rewards / export read it back.
             cfg.model.vocab_size = real_vocab_size(cfg.model, tokenizer.vocab_size)
+            check_vocab_padding(cfg, cfg.model.vocab_size)  # as ``megatron-irl plan`` does
             trainable = build_trainable(cfg, cfg.model.vocab_size)
             state = _restore(cfg, trainable, log)
             online = _setup_online(cfg, trainable, tokenizer, train_batches, state, log)

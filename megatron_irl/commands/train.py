@@ -1,8 +1,8 @@
-"""``python -m megatron_irl.train`` / ``megatron-irl train``: the training job.
+"""``megatron-irl train``: the training job (``training/loop.py``).
 
-Runs the same under a single process, ``torchrun --nproc-per-node N -m megatron_irl.train``
-and ``srun`` (one task per GPU). An invalid configuration is reported before any process
-group is created, with exit status 2.
+Runs the same under a single process, ``torchrun --nproc-per-node N -m megatron_irl train``
+and ``srun python -m megatron_irl train`` (one task per GPU). An invalid configuration is
+reported before any process group is created, with exit status 2.
 """
 
 from __future__ import annotations
@@ -32,12 +32,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         train(cfg)
+    except ConfigError as error:  # a check that needs the data or checkpoint: still a flag
+        print(f"megatron-irl train: error: {error}", file=sys.stderr)
+        return 2
     except (DataError, CheckpointError, DeviceError, NonFiniteTrainingError) as error:
         print(f"megatron-irl train: error: {error}", file=sys.stderr)
         return 1
     return 0
-
-
-# The guard matters: checkpoint saving starts a helper process that re-imports __main__.
-if __name__ == "__main__":
-    sys.exit(main())

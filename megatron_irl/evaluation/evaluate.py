@@ -1,14 +1,9 @@
-"""``megatron-irl eval``: sample from a checkpoint, score the samples, measure diversity.
-
-    megatron-irl eval --load runs/tiny/checkpoints --data examples/data/valid.jsonl \\
-        --samples 8 --temperature 0.7 1.0 --beam-size 4 --output-dir runs/tiny/eval
+"""What ``megatron-irl eval`` does (``commands/eval.py``): sample from a checkpoint at each
+decoding setting, score the samples, measure diversity, write the report.
 
 For every decoding setting (each temperature; each beam size) every prompt gets
-``--samples`` samples (one for greedy and beam search). Writes to ``--output-dir``:
-``report.json`` (settings and their metrics), ``samples.jsonl`` (every response with its
-prompt, reference, answer, log-prob and entropy: input for ``megatron-irl rewards``) and
-``tradeoff.png`` (task score vs Self-BLEU per temperature). Runs under one process,
-torchrun or srun; data-parallel replicas split the prompts.
+``--samples`` samples (one for greedy and beam search). Data-parallel replicas split the
+prompts; the writing rank gathers them.
 """
 
 from __future__ import annotations
@@ -17,7 +12,8 @@ import dataclasses
 import json
 import os
 import sys
-from megatron_irl.evaluation.options import EvalOptions, run_command
+
+from megatron_irl.evaluation.options import EvalOptions
 
 
 def _seed(base: int, prompt_index: int, sample: int) -> int:
@@ -98,6 +94,8 @@ def _write_outputs(options: EvalOptions, session, settings: list[dict], samples:
 
 
 def evaluate(options: EvalOptions) -> None:
+    """Sample every decoding setting of ``options``, score the samples, and (on the writing
+    rank) write report.json, samples.jsonl and tradeoff.png to ``options.output_dir``."""
     from megatron_irl.evaluation.inputs import read_eval_prompts, response_budget
     from megatron_irl.evaluation.report import score_setting
     from megatron_irl.evaluation.session import inference_session
@@ -131,12 +129,3 @@ def evaluate(options: EvalOptions) -> None:
                 samples += gathered
         if session.is_writer:
             _write_outputs(options, session, settings, samples, data_report)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_command("megatron-irl eval", EvalOptions, sys.argv[1:] if argv is None else argv,
-                       evaluate)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

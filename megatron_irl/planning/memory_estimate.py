@@ -47,9 +47,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from megatron_irl.config import ConfigError, ModelConfig, TrainConfig
+from megatron_irl.config import ModelConfig, TrainConfig
 from megatron_irl.config_online import SAMPLING_LOSSES
-from megatron_irl.core.vocabulary import padded_vocab_size
 
 GIB = 1024 ** 3
 _FP32 = 4
@@ -62,32 +61,6 @@ def _dtype_bytes(cfg: TrainConfig) -> int:
     """Bytes of a parameter and of an activation: 2 with --bf16 or --fp16, else 4
     (``core.model.half_precision_dtype``)."""
     return 2 if cfg.training.bf16 or cfg.training.fp16 else _FP32
-
-
-def check_layout(cfg: TrainConfig, vocab_size: int) -> None:
-    """Layout checks that the model build would otherwise fail (or mis-load) on.
-
-    ``TrainConfig`` already checks heads, query groups and layers against TP / PP. This adds
-    the MLP width against TP and, with ``--load``, the padded vocabulary: a checkpoint made at
-    a TP that divides ``--make-vocab-size-divisible-by`` (e.g. by the Hugging Face import) has
-    ``padded_vocab_size(V, D, 1)`` embedding rows, which a TP that does not divide D changes.
-    Raises ConfigError naming the flag to change.
-    """
-    m, p = cfg.model, cfg.parallel
-    tp = p.tensor_model_parallel_size
-    tp_flag = p.flag("tensor_model_parallel_size")
-    if m.ffn_hidden_size % tp:
-        raise ConfigError(f"{m.flag('ffn_hidden_size')} {m.ffn_hidden_size} must be divisible "
-                          f"by {tp_flag} {tp}")
-    divisor = m.make_vocab_size_divisible_by
-    here, portable = (padded_vocab_size(vocab_size, divisor, tp),
-                      padded_vocab_size(vocab_size, divisor, 1))
-    if cfg.checkpoint.load is not None and here != portable:
-        raise ConfigError(
-            f"{tp_flag} {tp} does not divide {m.flag('make_vocab_size_divisible_by')} {divisor}: "
-            f"the {vocab_size}-token vocabulary pads to {here} rows, but a checkpoint made at a "
-            f"TP that divides {divisor} (--load {cfg.checkpoint.load}) has {portable}; use a "
-            f"TP size that divides {divisor}")
 
 
 def pipeline_layers(num_layers: int, pp: int, vpp: int | None) -> list[list[range]]:

@@ -1,25 +1,14 @@
-"""``megatron-irl rewards``: per-token rewards and sequence returns from a checkpoint.
-
-    megatron-irl rewards --load runs/tiny/checkpoints --data runs/tiny/eval/samples.jsonl \\
-        --output runs/tiny/rewards.jsonl
-
-Reads (prompt, response) records (``samples.jsonl`` of ``megatron-irl eval`` works as is:
-its ``finished`` and ``setting`` fields are honoured) and writes one JSONL line per record: its
-line number, per-token rewards ``delta_t`` over the response tokens, the return (their sum),
-``V(s_0)`` and ``log pi(response | prompt)``. When the records carry a task score
-(``--score-field``, default "score"), also prints and writes to ``<output>.summary.json`` the
-Spearman rank correlations of the return, of ``log pi`` and of ``V(s_0)`` with the score, per
-decoding setting, within and across prompts (``evaluation/reward_analysis.py``), with the
-scatter plot of all samples ``<output>.return_vs_score.png``.
+"""What ``megatron-irl rewards`` does (``commands/rewards.py``): per-token rewards and
+returns of (prompt, response) records under a checkpoint (``reward_extraction.py``), their
+rank correlations with the records' task score (``reward_analysis.py``), written out.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 
-from megatron_irl.evaluation.options import RewardsOptions, run_command
+from megatron_irl.evaluation.options import RewardsOptions
 
 
 def _output_stem(output: str) -> str:
@@ -61,7 +50,9 @@ def _write_outputs(options: RewardsOptions, gamma: float, pairs, extracted,
     print("wrote " + ", ".join(written + [summary_path]), flush=True)
 
 
-def extract(options: RewardsOptions) -> None:
+def extract_and_analyse(options: RewardsOptions) -> None:
+    """Per-token rewards of every record of ``options.data``; (on the writing rank) the
+    output JSONL, the summary with the rank correlations, and the scatter plot."""
     from megatron_irl.evaluation.inputs import read_scored_pairs
     from megatron_irl.evaluation.reward_extraction import extract_rewards
     from megatron_irl.evaluation.session import inference_session
@@ -80,12 +71,3 @@ def extract(options: RewardsOptions) -> None:
             gathered.sort(key=lambda item: item[0])
             _write_outputs(options, gamma, [pairs[i] for i, _ in gathered],
                            [result for _, result in gathered], data_report)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_command("megatron-irl rewards", RewardsOptions, sys.argv[1:] if argv is None else argv,
-                       extract)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,45 +1,22 @@
-"""``megatron-irl plan``: check a training configuration for a launch and estimate per-GPU memory.
-
-    megatron-irl plan --config run.yaml --nodes 2 --gpus-per-node 8 [--vocab-size N] [--flag ...]
-
-Takes everything ``megatron-irl train`` takes (the same ``--config`` file and flag table), plus
-the launch: ``--world-size N`` or ``--nodes N --gpus-per-node G`` (default: the launch
-environment's WORLD_SIZE / SLURM_NTASKS, else 1). It builds and validates the whole
-configuration as the trainer would, except for what needs the training machine: input paths
-that do not exist yet are listed, not refused, and Transformer Engine / FP8 are assumed to be
-there. Then it prints the parallel layout (which ranks hold which layers and vocabulary
-rows), the parameter count, and the memory of each pipeline stage's GPUs
-(``megatron_irl.planning``), and exits without building the model or importing Megatron.
-
-The vocabulary size is the real one, as training takes it: ``--vocab-size N`` (the training
-flag), else the tokenizer's, read from ``--tokenizer-model`` when it exists (it need not: a
-recipe names the directory the Hugging Face import will create).
-
-Exit status: 0 when the largest stage fits in ``--gpu-memory-gib``, 1 when it does not,
-2 for an invalid configuration.
+"""The launch plan of ``megatron-irl plan`` (``commands/plan.py``): a training configuration
+checked for a launch, its parallel layout, parameter count and the memory of each pipeline
+stage's GPUs (``memory_estimate.py``), as a text report. No model is built and Megatron-Core
+is not imported.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import os
-import sys
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Sequence
 
-from megatron_irl import planning
-from megatron_irl.arguments import (
-    _RaisingParser,
-    build_parser,
-    load_train_config,
-    world_size_from_env,
-)
 from megatron_irl.config import ConfigError, TrainConfig
-from megatron_irl.core.vocabulary import padded_vocab_size, real_vocab_size
-from megatron_irl.planning import GIB, StageMemory
+from megatron_irl.core.checkpoint_files import CheckpointError
+from megatron_irl.core.vocabulary import check_vocab_padding, padded_vocab_size, real_vocab_size
+from megatron_irl.planning import memory_estimate
+from megatron_irl.planning.memory_estimate import GIB, StageMemory
 
-PROG = "megatron-irl plan"
 # An H100 80GB as nvidia-smi reports it (81559 MiB).
 DEFAULT_GPU_MEMORY_GIB = 79.6
 # Left for what the estimate does not count: CUDA context, NCCL and cuBLAS buffers, allocator
@@ -54,57 +31,6 @@ class PlanRequest:
     gpus_per_node: int | None  # None: only the world size is known
     vocab_size: int | None  # --vocab-size (the training flag)
     gpu_memory_gib: float
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
-
-
-def _add_plan_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("plan (the launch to check; not in the YAML file)")
-    group.add_argument("--world-size", type=_positive_int, metavar="N",
-                       help="Ranks (GPUs) in all; default: WORLD_SIZE or SLURM_NTASKS, else 1.")
-    group.add_argument("--nodes", type=_positive_int, metavar="N",
-                       help="Nodes, instead of --world-size (world = nodes x GPUs per node).")
-    group.add_argument("--gpus-per-node", type=_positive_int, metavar="G",
-                       help="GPUs per node (default with --nodes: 8).")
-    group.add_argument("--gpu-memory-gib", type=float, metavar="GIB",
-                       default=DEFAULT_GPU_MEMORY_GIB,
-                       help=f"Memory of one GPU (default: {DEFAULT_GPU_MEMORY_GIB}, an H100 "
-                            "80GB).")
-
-
-def parse_plan_args(argv: Sequence[str], env: Mapping[str, str] = os.environ) -> PlanRequest:
-    """The plan's own flags, then the training configuration from the rest (no launch checks).
-
-    Raises ConfigError naming the flag; ``--help`` prints both flag sets and exits 0.
-    """
-    if "-h" in argv or "--help" in argv:
-        parser = build_parser(PROG)
-        parser.description = ("Check a training configuration for a launch and estimate the "
-                               "memory of each GPU, without building the model. Takes every "
-                               "flag of megatron-irl train, and the plan's own (last group).")
-        _add_plan_flags(parser)
-        parser.print_help()
-        raise SystemExit(0)
-    own = _RaisingParser(prog=PROG, add_help=False, allow_abbrev=False)
-    _add_plan_flags(own)
-    flags, rest = own.parse_known_args(list(argv))
-    config = load_train_config(rest, PROG)
-    if flags.world_size is not None and (flags.nodes or flags.gpus_per_node):
-        raise ConfigError("--world-size cannot be combined with --nodes / --gpus-per-node")
-    gpus_per_node = flags.gpus_per_node or (8 if flags.nodes else None)
-    if gpus_per_node is not None:
-        world_size = (flags.nodes or 1) * gpus_per_node
-    else:
-        world_size = flags.world_size or world_size_from_env(env)
-    if flags.gpu_memory_gib <= 0:
-        raise ConfigError(f"--gpu-memory-gib {flags.gpu_memory_gib}: must be > 0")
-    return PlanRequest(config, world_size, gpus_per_node, config.model.vocab_size,
-                       flags.gpu_memory_gib)
 
 
 def resolve_vocab_size(cfg: TrainConfig, requested: int | None) -> tuple[int, str, list[str]]:
@@ -247,10 +173,10 @@ def _memory_lines(cfg: TrainConfig, stages: list[StageMemory], gpu_bytes: int) -
     lines.append(f"  total counts the optimizer {'with' if distributed else 'without'} "
                  f"--use-distributed-optimizer; {'without' if distributed else 'with'} it the "
                  f"largest stage needs {_gib(other)} GiB")
-    if planning.has_kl_reference(cfg):
+    if memory_estimate.has_kl_reference(cfg):
         lines.append("  KL ref: GAIL's frozen copy of the starting weights (--gail-kl-weight), "
                      "in the weights' dtype, without gradients or optimizer state")
-    per_layer = planning.layer_activation_bytes(cfg)
+    per_layer = memory_estimate.layer_activation_bytes(cfg)
     lines.append(
         f"  activations: stage 0 holds {stages[0].in_flight} (chunk) micro-batches at its peak; "
         f"a layer keeps {per_layer.stored / 2**20:,.0f} MiB per micro-batch without "
@@ -261,7 +187,7 @@ def _memory_lines(cfg: TrainConfig, stages: list[StageMemory], gpu_bytes: int) -
 
 def _save_lines(cfg: TrainConfig, stages: list[StageMemory], gpus_per_node: int | None
                 ) -> list[str]:
-    """The host memory a checkpoint save needs (``planning.StageMemory.save_host``)."""
+    """The host memory a checkpoint save needs (``memory_estimate.StageMemory.save_host``)."""
     per_gpu = max(s.save_host for s in stages)
     if not per_gpu:
         return ["checkpoint  saving copies tensors to the host one at a time as it writes them"]
@@ -281,16 +207,20 @@ def _save_lines(cfg: TrainConfig, stages: list[StageMemory], gpus_per_node: int 
             "model's own"]
 
 
-def format_plan(request: PlanRequest, config_label: str) -> tuple[str, bool]:
-    """The report and whether the largest stage fits; raises ConfigError for a bad config."""
+def format_plan(request: PlanRequest, title: str) -> tuple[str, bool]:
+    """The report under the line ``title`` and whether the largest stage fits; raises
+    ConfigError for a bad config."""
     cfg = request.config
     dp = check_launch(cfg, request.world_size)
     vocab, vocab_source, notes = resolve_vocab_size(cfg, request.vocab_size)
-    planning.check_layout(cfg, vocab)
+    try:
+        check_vocab_padding(cfg, vocab)
+    except CheckpointError as error:  # training stops on it; a plan may precede the fix
+        notes.append(str(error))
     m, p, t = cfg.model, cfg.parallel, cfg.training
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     padded = padded_vocab_size(vocab, m.make_vocab_size_divisible_by, tp)
-    stages = planning.estimate_memory(cfg, padded, dp)
+    stages = memory_estimate.estimate_memory(cfg, padded, dp)
     gpu_bytes = int(request.gpu_memory_gib * GIB)
     microbatches = t.global_batch_size // (t.micro_batch_size * dp)
     launch = f"{request.world_size} GPUs"
@@ -309,10 +239,10 @@ def format_plan(request: PlanRequest, config_label: str) -> tuple[str, bool]:
            if t.fp8_recipe == "delayed" else "")
         + (", FP8 weights gathered in FP8" if t.fp8_param_gather else "")
         if t.fp8_format else "")
-    spec = "Transformer Engine" if planning.assumes_transformer_engine(cfg) else "local"
+    spec = "Transformer Engine" if memory_estimate.assumes_transformer_engine(cfg) else "local"
     lines = [
-        f"{PROG}: {config_label}",
-        f"model       {_describe_model(cfg, planning.model_parameters(m, padded))}",
+        title,
+        f"model       {_describe_model(cfg, memory_estimate.model_parameters(m, padded))}",
         f"vocabulary  {vocab} tokens ({vocab_source}), padded to {padded} (a multiple of "
         f"lcm({m.make_vocab_size_divisible_by}, TP {tp})): {padded // tp} rows per TP rank",
         f"launch      {launch}: TP {tp} x PP {pp} x DP {dp}"
@@ -325,7 +255,7 @@ def format_plan(request: PlanRequest, config_label: str) -> tuple[str, bool]:
         + (f" ({t.recompute_method}, {t.recompute_num_layers} layers)" if t.recompute_method
            else "") + (f"; {', '.join(options)}" if options else ""),
         (f"attention   {spec}: packed documents as THD sequences (cu_seqlens) on flash / "
-         "cuDNN attention; no [s, s] scores" if planning.packs_as_thd(cfg) else
+         "cuDNN attention; no [s, s] scores" if memory_estimate.packs_as_thd(cfg) else
          f"attention   {spec} unfused attention (the block-causal mask rules out flash "
          "attention): the scores [b, heads/TP, s, s] are materialised"),
         "",
@@ -350,28 +280,3 @@ def format_plan(request: PlanRequest, config_label: str) -> tuple[str, bool]:
     return "\n".join(lines), fits
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        request = parse_plan_args(argv)
-        config_label = _config_label(argv)
-        report, fits = format_plan(request, config_label)
-    except ConfigError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
-    print(report)
-    return 0 if fits else 1
-
-
-def _config_label(argv: Sequence[str]) -> str:
-    argv = list(argv)
-    for index, arg in enumerate(argv):
-        if arg == "--config" and index + 1 < len(argv):
-            return argv[index + 1]
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-    return "(no --config: defaults and flags)"
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,6 @@
-"""Tokenize an SFT JSONL file once into memory-mapped binaries for training.
+"""``megatron-irl preprocess``: tokenize an SFT JSONL file once into memory-mapped binaries.
 
-    python tools/preprocess_data.py --input train.jsonl --tokenizer TOKENIZER \\
-        --output-prefix data/train
+    megatron-irl preprocess --input train.jsonl --tokenizer TOKENIZER --output-prefix data/train
 
 writes data/train.bin, .idx, .lines.npy and .meta.json (see megatron_irl.data.indexed);
 pass data/train as the training data path. TOKENIZER is a Hugging Face tokenizer directory
@@ -9,20 +8,19 @@ or a sentencepiece .model file. Bad records stop it with file:line; data problem
 responses, ...) are counted and printed, or stop it with --strict.
 """
 
+from __future__ import annotations
+
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_irl.data import DataError, load_tokenizer, preprocess_jsonl  # noqa: E402
-from megatron_irl.data.report import PROBLEMS  # noqa: E402
+from megatron_irl.data import DataError, load_tokenizer, preprocess_jsonl
+from megatron_irl.data.report import PROBLEMS
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+        prog="megatron-irl preprocess", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", required=True, help="SFT JSONL file")
     parser.add_argument(
         "--tokenizer", required=True, help="Hugging Face tokenizer dir or sentencepiece .model"
@@ -40,14 +38,10 @@ def main(argv=None) -> int:
             strict=args.strict
         )
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"megatron-irl preprocess: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.output_prefix}.{{bin,idx,lines.npy,meta.json}}: {report.num_documents} "
           f"documents from {report.num_records} records")
     for kind, count in sorted(report.problem_counts.items()):
         print(f"  {count} x {PROBLEMS[kind]} (e.g. {', '.join(report.problem_examples[kind])})")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

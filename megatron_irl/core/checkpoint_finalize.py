@@ -25,6 +25,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import (
     AsyncCallsQueue,
     AsyncRequest,
 )
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_irl.core.checkpoint_files import (
     STATE_FILENAME,
@@ -106,7 +107,9 @@ class BackgroundSaves:
             return []
         try:
             finalized = self._queue.maybe_finalize_async_calls(blocking=blocking)
-        except Exception as exc:  # Megatron's CheckpointException, raised on every rank
+        # A writer's failure comes as torch's CheckpointException, a BaseException, on every
+        # rank (state_dict_saver.save_state_dict_async_finalize broadcasts it).
+        except (Exception, CheckpointException) as exc:
             iteration, directory = next(iter(self._pending.values()))
             self._pending.clear()
             raise CheckpointError(

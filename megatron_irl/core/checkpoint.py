@@ -44,11 +44,10 @@ rank 0 only after a barrier that every rank reaches once its shards are written 
 fsynced: dist_checkpointing's writers do that), and loading goes through the marker, so a
 save killed at any point leaves the previous checkpoint in charge. With ``--async-save`` the
 shards are written in the background and that end of the save runs in the finalisation
-(``checkpoint_finalize.py``). The half-written
-``iter_*`` directory such a save leaves behind is ignored, and removed when a later save
-reaches the same iteration. Loading first checks the chosen iteration's files against its
-manifest; ``keep_last`` deletes older checkpoints only after the marker moved
-(``checkpoint_files.remove_old_checkpoints``).
+(``checkpoint_finalize.py``). The half-written ``iter_*`` directory such a save leaves
+behind is ignored, and removed when a later save reaches the same iteration. Loading first
+checks the chosen iteration's files against its manifest; ``keep_last`` deletes older
+checkpoints only after the marker moved (``checkpoint_files.remove_old_checkpoints``).
 
 Unpickling: this module's own files are JSON, and it stores the RNG states as tensors
 rather than as ``ShardedObject`` (which torch_dist unpickles with
@@ -223,7 +222,7 @@ def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, opt
                                       async_sharded_save=background is not None)
     if write_extra is not None:  # not in a finalisation: training changes what it writes
         write_extra(directory)
-    iteration = state.iteration  # the trainer counts on before a background save finishes
+    iteration = state.iteration  # now: the trainer counts on before a background save completes
 
     def finish() -> None:
         dist.barrier()  # every rank's files are written: only now may the marker move

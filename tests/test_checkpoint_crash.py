@@ -189,17 +189,19 @@ def _kill_the_save_then_resume(tmp_path, kill_point, in_background) -> dict:
 # --------------------------------------------------------- background saves at two ranks
 
 
-def _background_and_synchronous_saves(background_dir, synchronous_dir):
-    """Train 2 steps; save that state synchronously and in the background; train 2 more
-    steps while the background write runs (the uninterrupted run) and then finalise it;
-    load it into fresh objects and train the same 2 steps (the resumed run)."""
+def _background_and_synchronous_saves(background_dir, synchronous_dir, save_options=None):
+    """Train 2 steps; save that state synchronously and in the background (both with
+    ``save_options`` for save_checkpoint); train 2 more steps while the background write runs
+    (the uninterrupted run) and then finalise it; load it into fresh objects and train the
+    same 2 steps (the resumed run)."""
     chunks, optimizer, scheduler = build_training()
     for iteration in (1, 2):
         train_step(chunks, optimizer, scheduler, iteration)
     state = TrainingState(2, 2 * GLOBAL_BATCH, CONFIG)
-    save_checkpoint(synchronous_dir, state, chunks, optimizer, scheduler)
+    save_checkpoint(synchronous_dir, state, chunks, optimizer, scheduler, **(save_options or {}))
     background = BackgroundSaves()
-    save_checkpoint(background_dir, state, chunks, optimizer, scheduler, background=background)
+    save_checkpoint(background_dir, state, chunks, optimizer, scheduler, background=background,
+                    **(save_options or {}))
     scheduled = {"marker": latest_iteration(background_dir),
                  "pending": background.pending_iterations}
     uninterrupted = [train_step(chunks, optimizer, scheduler, iteration) for iteration in (3, 4)]
@@ -340,6 +342,21 @@ def test_run_resumed_from_a_background_save_continues_with_the_uninterrupted_los
     last_stage = background_save[0][1]
     assert len(last_stage["uninterrupted"]) == 2
     assert last_stage["resumed"] == last_stage["uninterrupted"]
+
+
+def test_background_fully_parallel_save_holds_the_tensors_of_a_synchronous_one_and_resumes(
+        tmp_path):
+    background, synchronous = tmp_path / "background", tmp_path / "synchronous"
+    results = run_distributed(_background_and_synchronous_saves, WORLD_SIZE,
+                              args=(str(background), str(synchronous), {"fully_parallel": True}))
+    written = _saved_tensors(str(background / "iter_0000002"))
+    expected = _saved_tensors(str(synchronous / "iter_0000002"))
+    assert written.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(written[key], value), key
+    for rank_result in results:  # DP=2: both ranks train and resume
+        assert rank_result["resumed"] == rank_result["uninterrupted"]
 
 
 def test_failed_background_write_raises_on_every_rank_naming_the_save(tmp_path):

@@ -302,6 +302,12 @@ class CheckpointConfig(_Section):
         "across those ranks instead of writing them from data-parallel rank 0 "
         "(Megatron-Core's FullyParallelSaveStrategyWrapper; on by default in Megatron-LM, "
         "where --no-ckpt-fully-parallel-save turns it off).")
+    async_save: bool = _opt(
+        False, "--async-save",
+        "Write the checkpoints' tensors in a background process (one forked per save) while "
+        "training goes on; the save completes (training_state.json, manifest, "
+        "latest_checkpointed_iteration.txt) once every rank's writer has ended, checked after "
+        "each step and waited for before the next save and at the end of the run. Needs --save.")
 
     def _validate(self) -> None:
         self._require_at_least(1, "save_interval", "keep_last_checkpoints")
@@ -313,6 +319,8 @@ class CheckpointConfig(_Section):
                           f"come with {self.flag('save')}")
         if self.save_interval is not None:
             self._require(self.save is not None, "save_interval", f"come with {self.flag('save')}")
+        if self.async_save:
+            self._require(self.save is not None, "async_save", f"come with {self.flag('save')}")
         if self.finetune:
             self._require(self.load is not None, "finetune", f"come with {self.flag('load')}")
 

@@ -209,6 +209,11 @@ def _torch_views() -> Dict[str, Dict[str, object]]:
         "megatron.core.dist_checkpointing.strategies.filesystem_async": {
             "cuda": _ModuleView(torch.cuda, synchronize=_do_nothing)
         },
+        # TemporalAsyncCaller.schedule_async_call (--async-save): waits for the same copies
+        # before forking the background writer.
+        "megatron.core.dist_checkpointing.strategies.async_utils": {
+            "cuda": _ModuleView(torch.cuda, synchronize=_do_nothing)
+        },
         # CudaRNGStatesTracker.add and model_parallel_cuda_manual_seed: the CPU
         # generator plays the role of the CUDA default generator.
         "megatron.core.tensor_parallel.random": {

@@ -2,7 +2,8 @@
 
 Tests import from here, never from each other. Sections: the data pipeline's character
 tokenizer; Hugging Face tokenizers; the tiny checkpoint for inference; the loss tests' batches,
-tolerances and references; launches of the trainer on the tiny configuration.
+tolerances and references; a tiny GPT trained on Megatron-Core (the checkpoint tests);
+launches of the trainer on the tiny configuration.
 """
 
 from __future__ import annotations
@@ -246,6 +247,123 @@ def make_online_batch(b, s, v, *, seed, p_policy=0.5, **kwargs) -> OnlineBatch:
     upstream = torch.randn(6, b, s, generator=gen)
     return OnlineBatch(base.logits, base.labels, base.loss_mask * ~is_policy,
                        base.loss_mask * is_policy, base.terminal, upstream)
+
+
+# ------------------------------------------------------------------ a tiny GPT on Megatron-Core
+
+# What the checkpoint tests train: a GPTModel (local spec, 4 heads, seq 16, vocab 128) in
+# Megatron's DistributedDataParallel with fp32 Adam and a cosine scheduler, on random tokens.
+VOCAB = 128
+SEQ = 16
+MICRO_BATCH = 2
+MICROBATCHES_PER_STEP = 2  # in the whole data-parallel world
+GLOBAL_BATCH = MICRO_BATCH * MICROBATCHES_PER_STEP
+CONFIG = {"model": {"num_layers": 2, "hidden_size": 64}, "training": {"train_iters": 4}}
+
+
+def build_training(hidden_size=64, dropout=0.1, num_layers=2, distributed_optimizer=False):
+    """([DDP(GPTModel)] per virtual stage, fp32 Adam, scheduler) for the current layout."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.transformer import TransformerConfig
+
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    config = TransformerConfig(
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=4,
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
+        use_cpu_initialization=True,
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        virtual_pipeline_model_parallel_size=vpp,
+        pipeline_dtype=torch.float32,
+        # Interleaving at pp=2 with batched p2p swaps the exchanged tensors (upstream bug
+        # NVIDIA/Megatron-LM#1450).
+        batch_p2p_comm=vpp is None,
+    )
+    chunks = []
+    for stage in [None] if vpp is None else range(vpp):
+        position = {"ignore_virtual": False, "vp_stage": stage}
+        module = GPTModel(
+            config=config,
+            transformer_layer_spec=get_gpt_layer_local_spec(),
+            vocab_size=VOCAB,
+            max_sequence_length=SEQ,
+            pre_process=parallel_state.is_pipeline_first_stage(**position),
+            post_process=parallel_state.is_pipeline_last_stage(**position),
+            vp_stage=stage,
+        )
+        module.real_vocab_size = VOCAB  # unpadded, as build_model_chunks records it
+        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer)
+        chunks.append(DistributedDataParallel(config, ddp_config, module))
+    config.finalize_model_grads_func = finalize_model_grads
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=1e-2, min_lr=1e-3, weight_decay=0.01, clip_grad=1.0,
+                        use_distributed_optimizer=distributed_optimizer),
+        chunks,
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=1e-2, min_lr=1e-3,
+        lr_warmup_steps=2 * GLOBAL_BATCH, lr_decay_steps=8 * GLOBAL_BATCH,
+        lr_decay_style="cosine", start_wd=0.01, end_wd=0.01,
+        wd_incr_steps=8 * GLOBAL_BATCH, wd_incr_style="constant",
+    )
+    return chunks, optimizer, scheduler
+
+
+def microbatches(iteration, count):
+    """The ``count`` microbatches of one step: dicts of int64 [b, s] tokens, labels and
+    position_ids, the same for every layout (a function of ``iteration`` only)."""
+    generator = torch.Generator().manual_seed(iteration)
+    sequences = torch.randint(0, VOCAB, (count, MICRO_BATCH, SEQ + 1), generator=generator)
+    position_ids = torch.arange(SEQ).expand(MICRO_BATCH, SEQ).contiguous()
+    return [
+        {"tokens": s[:, :-1].contiguous(), "labels": s[:, 1:].contiguous(),
+         "position_ids": position_ids}
+        for s in sequences
+    ]
+
+
+def _forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    per_token_loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return per_token_loss, _mean_loss
+
+
+def _mean_loss(per_token_loss):
+    loss = per_token_loss.float().mean()
+    return loss, {"lm loss": loss.detach()}
+
+
+def train_step(chunks, optimizer, scheduler, iteration):
+    """One optimizer step on iteration ``iteration``'s global batch, split over the
+    data-parallel ranks; returns this rank's microbatch losses ([] off the last stage)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    dp_rank = parallel_state.get_data_parallel_rank()
+    dp_size = parallel_state.get_data_parallel_world_size()
+    local = microbatches(iteration, MICROBATCHES_PER_STEP)[dp_rank::dp_size]
+    for chunk in chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+    per_microbatch = get_forward_backward_func()(
+        forward_step_func=_forward_step, data_iterator=[iter(local) for _ in chunks],
+        model=chunks, num_microbatches=len(local), seq_length=SEQ, micro_batch_size=MICRO_BATCH,
+    )
+    optimizer.step()
+    scheduler.step(increment=GLOBAL_BATCH)
+    return [entry["lm loss"].item() for entry in per_microbatch]
 
 
 # ------------------------------------------------------------------ trainer launches

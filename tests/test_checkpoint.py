@@ -4,39 +4,25 @@ Each scenario builds what the trainer builds: a tiny GPTModel (local spec, 2 lay
 hidden 64, 4 heads, vocab 128, seq 16) in Megatron's DistributedDataParallel, fp32 Adam
 from ``get_megatron_optimizer`` and an ``OptimizerParamScheduler``. Scenarios run in the
 spawned workers of ``run_distributed``; a module-scoped fixture runs each once and the
-tests assert one behaviour each on its results. The kill tests fork one-rank processes
-(``_train_and_save_main``) that SIGKILL themselves at a chosen point of a save, then resume
-in another (``_resume_main``) and compare the losses with an uninterrupted run's.
+tests assert one behaviour each on its results. Saves killed at each point, and background
+saves (``--async-save``), are tested in ``test_checkpoint_crash.py``.
 """
 
 import json
-import multiprocessing
 import os
 import random
 import re
 import shutil
-import signal
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import yaml
-from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.distributed import (
-    DistributedDataParallel,
-    DistributedDataParallelConfig,
-    finalize_model_grads,
-)
-from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.optimizer import OptimizerConfig, distrib_optimizer, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer import TransformerConfig
+from helpers import CONFIG, GLOBAL_BATCH, build_training, microbatches, train_step
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.optimizer import distrib_optimizer
 
-from megatron_irl.core import checkpoint as checkpoint_module
-from megatron_irl.core import checkpoint_files
 from megatron_irl.core.checkpoint import (
     CheckpointError,
     TrainingState,
@@ -46,110 +32,13 @@ from megatron_irl.core.checkpoint import (
     save_checkpoint,
 )
 from megatron_irl.core.checkpoint_files import choose_iteration, remove_old_checkpoints
-from megatron_irl.cpu_support import enable_cpu_support
 from megatron_irl.testing import run_distributed
 from megatron_irl.training.nonfinite import weights_are_finite
 
 WORLD_SIZE = 2
-VOCAB = 128
-SEQ = 16
-MICRO_BATCH = 2
-MICROBATCHES_PER_STEP = 2  # in the whole data-parallel world
-GLOBAL_BATCH = MICRO_BATCH * MICROBATCHES_PER_STEP
-CONFIG = {"model": {"num_layers": 2, "hidden_size": 64}, "training": {"train_iters": 4}}
 
 
 # ---------------------------------------------------------------- run on the workers
-
-
-def _build_training(hidden_size=64, dropout=0.1, num_layers=2, distributed_optimizer=False):
-    """([DDP(GPTModel)] per virtual stage, fp32 Adam, scheduler) for the current layout."""
-    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
-    config = TransformerConfig(
-        num_layers=num_layers,
-        hidden_size=hidden_size,
-        num_attention_heads=4,
-        hidden_dropout=dropout,
-        attention_dropout=dropout,
-        use_cpu_initialization=True,
-        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
-        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        virtual_pipeline_model_parallel_size=vpp,
-        pipeline_dtype=torch.float32,
-        # Interleaving at pp=2 with batched p2p swaps the exchanged tensors (upstream bug
-        # NVIDIA/Megatron-LM#1450).
-        batch_p2p_comm=vpp is None,
-    )
-    chunks = []
-    for stage in [None] if vpp is None else range(vpp):
-        position = {"ignore_virtual": False, "vp_stage": stage}
-        module = GPTModel(
-            config=config,
-            transformer_layer_spec=get_gpt_layer_local_spec(),
-            vocab_size=VOCAB,
-            max_sequence_length=SEQ,
-            pre_process=parallel_state.is_pipeline_first_stage(**position),
-            post_process=parallel_state.is_pipeline_last_stage(**position),
-            vp_stage=stage,
-        )
-        module.real_vocab_size = VOCAB  # unpadded, as build_model_chunks records it
-        ddp_config = DistributedDataParallelConfig(use_distributed_optimizer=distributed_optimizer)
-        chunks.append(DistributedDataParallel(config, ddp_config, module))
-    config.finalize_model_grads_func = finalize_model_grads
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=1e-2, min_lr=1e-3, weight_decay=0.01, clip_grad=1.0,
-                        use_distributed_optimizer=distributed_optimizer),
-        chunks,
-    )
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=1e-2, min_lr=1e-3,
-        lr_warmup_steps=2 * GLOBAL_BATCH, lr_decay_steps=8 * GLOBAL_BATCH,
-        lr_decay_style="cosine", start_wd=0.01, end_wd=0.01,
-        wd_incr_steps=8 * GLOBAL_BATCH, wd_incr_style="constant",
-    )
-    return chunks, optimizer, scheduler
-
-
-def _microbatches(iteration, count):
-    """The ``count`` microbatches of one step: dicts of int64 [b, s] tokens, labels and
-    position_ids, the same for every layout (a function of ``iteration`` only)."""
-    generator = torch.Generator().manual_seed(iteration)
-    sequences = torch.randint(0, VOCAB, (count, MICRO_BATCH, SEQ + 1), generator=generator)
-    position_ids = torch.arange(SEQ).expand(MICRO_BATCH, SEQ).contiguous()
-    return [
-        {"tokens": s[:, :-1].contiguous(), "labels": s[:, 1:].contiguous(),
-         "position_ids": position_ids}
-        for s in sequences
-    ]
-
-
-def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    per_token_loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return per_token_loss, _mean_loss
-
-
-def _mean_loss(per_token_loss):
-    loss = per_token_loss.float().mean()
-    return loss, {"lm loss": loss.detach()}
-
-
-def _train_step(chunks, optimizer, scheduler, iteration):
-    """One optimizer step on iteration ``iteration``'s global batch, split over the
-    data-parallel ranks; returns this rank's microbatch losses ([] off the last stage)."""
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size()
-    local = _microbatches(iteration, MICROBATCHES_PER_STEP)[dp_rank::dp_size]
-    for chunk in chunks:
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    losses = get_forward_backward_func()(
-        forward_step_func=_forward_step, data_iterator=[iter(local) for _ in chunks],
-        model=chunks, num_microbatches=len(local), seq_length=SEQ, micro_batch_size=MICRO_BATCH,
-    )
-    optimizer.step()
-    scheduler.step(increment=GLOBAL_BATCH)
-    return [entry["lm loss"].item() for entry in losses]
 
 
 def _advance_rngs_by_rank():
@@ -183,7 +72,7 @@ def _adam_moments(optimizer):
 
 
 def _continue_training(chunks, optimizer, scheduler, first_iteration):
-    losses = [_train_step(chunks, optimizer, scheduler, it)
+    losses = [train_step(chunks, optimizer, scheduler, it)
               for it in (first_iteration, first_iteration + 1)]
     return {"losses": losses, "lr": optimizer.param_groups[0]["lr"], "rng": _rng_draws()}
 
@@ -192,16 +81,16 @@ def _round_trip(directory, save_options=None):
     """Train 2 steps, save (with ``save_options`` for save_checkpoint), train 2 more (the
     uninterrupted run); then load into a freshly initialised model and train the same 2
     steps (the resumed run)."""
-    chunks, optimizer, scheduler = _build_training()
+    chunks, optimizer, scheduler = build_training()
     _advance_rngs_by_rank()
     for iteration in (1, 2):
-        _train_step(chunks, optimizer, scheduler, iteration)
+        train_step(chunks, optimizer, scheduler, iteration)
     save_checkpoint(directory, TrainingState(2, 2 * GLOBAL_BATCH, CONFIG),
                     chunks, optimizer, scheduler, **(save_options or {}))
     saved = {"moments": _adam_moments(optimizer), "scheduler": scheduler.state_dict()}
     uninterrupted = _continue_training(chunks, optimizer, scheduler, 3)
 
-    fresh_chunks, fresh_optimizer, fresh_scheduler = _build_training()
+    fresh_chunks, fresh_optimizer, fresh_scheduler = build_training()
     state = load_checkpoint(directory, fresh_chunks, fresh_optimizer, fresh_scheduler)
     loaded = {"moments": _adam_moments(fresh_optimizer),
               "scheduler": fresh_scheduler.state_dict()}
@@ -213,7 +102,7 @@ def _round_trip(directory, save_options=None):
 def _eval_logits(chunks):
     """Full logits [b, s, v] (gathered over TP) of a fixed batch, dropout off."""
     model = chunks[0].module
-    batch = _microbatches(0, 1)[0]
+    batch = microbatches(0, 1)[0]
     model.eval()
     with torch.no_grad():
         logits = model(batch["tokens"], batch["position_ids"], None)  # [b, s, v/tp]
@@ -236,22 +125,22 @@ def _global_weights(chunks):
 
 def _save_then_step(directory, num_layers, observe):
     """Train 1 step and save; ``observe(chunks)`` at the save and after one more step."""
-    chunks, optimizer, scheduler = _build_training(dropout=0.0, num_layers=num_layers)
-    _train_step(chunks, optimizer, scheduler, 1)
+    chunks, optimizer, scheduler = build_training(dropout=0.0, num_layers=num_layers)
+    train_step(chunks, optimizer, scheduler, 1)
     save_checkpoint(directory, TrainingState(1, GLOBAL_BATCH, CONFIG), chunks, optimizer, scheduler)
     at_save = observe(chunks)
-    _train_step(chunks, optimizer, scheduler, 2)
+    train_step(chunks, optimizer, scheduler, 2)
     return {"at_save": at_save, "after_step": observe(chunks)}
 
 
 def _load_then_step(directory, num_layers, observe):
     """Load into freshly initialised objects; ``observe(chunks)`` before and after loading
     and after one more step."""
-    chunks, optimizer, scheduler = _build_training(dropout=0.0, num_layers=num_layers)
+    chunks, optimizer, scheduler = build_training(dropout=0.0, num_layers=num_layers)
     fresh = observe(chunks)
     load_checkpoint(directory, chunks, optimizer, scheduler)
     at_save = observe(chunks)
-    _train_step(chunks, optimizer, scheduler, 2)
+    train_step(chunks, optimizer, scheduler, 2)
     return {"fresh": fresh, "at_save": at_save, "after_step": observe(chunks)}
 
 
@@ -262,11 +151,11 @@ class _SimulatedCrash(Exception):
 def _save_that_fails_after_the_shards(directory):
     """Save iteration 1; make the save of iteration 2 fail on every rank right after
     dist_checkpointing wrote its shards; load; save iteration 2 again, twice."""
-    chunks, optimizer, scheduler = _build_training()
-    _train_step(chunks, optimizer, scheduler, 1)
+    chunks, optimizer, scheduler = build_training()
+    train_step(chunks, optimizer, scheduler, 1)
     save_checkpoint(directory, TrainingState(1, GLOBAL_BATCH, CONFIG), chunks, optimizer, scheduler)
     weights_at_1 = _global_weights(chunks)
-    _train_step(chunks, optimizer, scheduler, 2)
+    train_step(chunks, optimizer, scheduler, 2)
     state_at_2 = TrainingState(2, 2 * GLOBAL_BATCH, CONFIG)
 
     real_save = dist_checkpointing.save
@@ -288,7 +177,7 @@ def _save_that_fails_after_the_shards(directory):
                    "partial_files": sorted(os.listdir(iteration_dir(directory, 2)))}
     dist.barrier()
 
-    fresh_chunks, fresh_optimizer, fresh_scheduler = _build_training()
+    fresh_chunks, fresh_optimizer, fresh_scheduler = build_training()
     loaded_iteration = load_checkpoint(
         directory, fresh_chunks, fresh_optimizer, fresh_scheduler).iteration
     loaded_weights = _global_weights(fresh_chunks)
@@ -312,19 +201,19 @@ def _save_that_fails_after_the_shards(directory):
 
 def _save_before_the_first_step_then_load(directory):
     """Save a never-stepped optimizer, load it into fresh objects, then take a step."""
-    chunks, optimizer, scheduler = _build_training()
+    chunks, optimizer, scheduler = build_training()
     save_checkpoint(directory, TrainingState(0, 0, CONFIG), chunks, optimizer, scheduler)
-    fresh_chunks, fresh_optimizer, fresh_scheduler = _build_training()
+    fresh_chunks, fresh_optimizer, fresh_scheduler = build_training()
     load_checkpoint(directory, fresh_chunks, fresh_optimizer, fresh_scheduler)
-    return _train_step(fresh_chunks, fresh_optimizer, fresh_scheduler, 1)
+    return train_step(fresh_chunks, fresh_optimizer, fresh_scheduler, 1)
 
 
 def _save_and_load_distributed_optimizer(directory):
     """Save with the distributed optimizer; load with its state (the error) and without."""
-    chunks, optimizer, scheduler = _build_training(distributed_optimizer=True)
-    _train_step(chunks, optimizer, scheduler, 1)
+    chunks, optimizer, scheduler = build_training(distributed_optimizer=True)
+    train_step(chunks, optimizer, scheduler, 1)
     save_checkpoint(directory, TrainingState(1, GLOBAL_BATCH, CONFIG), chunks, optimizer, scheduler)
-    fresh_chunks, fresh_optimizer, fresh_scheduler = _build_training(distributed_optimizer=True)
+    fresh_chunks, fresh_optimizer, fresh_scheduler = build_training(distributed_optimizer=True)
     try:
         load_checkpoint(directory, fresh_chunks, fresh_optimizer, fresh_scheduler)
         error = None
@@ -341,11 +230,11 @@ def _fully_parallel_round_trip_then_dp_reshardable_save(round_trip_dir, dp_resha
     """At DP=2: the round trip saved with --ckpt-fully-parallel-save; then a distributed
     optimizer saved in the dp_reshardable format, loaded back in the same layout."""
     round_trip = _round_trip(round_trip_dir, {"fully_parallel": True})
-    chunks, optimizer, scheduler = _build_training(distributed_optimizer=True)
-    _train_step(chunks, optimizer, scheduler, 1)
+    chunks, optimizer, scheduler = build_training(distributed_optimizer=True)
+    train_step(chunks, optimizer, scheduler, 1)
     save_checkpoint(dp_reshardable_dir, TrainingState(1, GLOBAL_BATCH, CONFIG), chunks, optimizer,
                     scheduler, optimizer_fully_reshardable=False)
-    fresh_chunks, fresh_optimizer, fresh_scheduler = _build_training(distributed_optimizer=True)
+    fresh_chunks, fresh_optimizer, fresh_scheduler = build_training(distributed_optimizer=True)
     try:
         load_checkpoint(dp_reshardable_dir, fresh_chunks, fresh_optimizer, fresh_scheduler)
         same_layout_error = None
@@ -355,7 +244,7 @@ def _fully_parallel_round_trip_then_dp_reshardable_save(round_trip_dir, dp_resha
 
 
 def _load_with_optimizer_state(directory):
-    chunks, optimizer, scheduler = _build_training(distributed_optimizer=True)
+    chunks, optimizer, scheduler = build_training(distributed_optimizer=True)
     try:
         load_checkpoint(directory, chunks, optimizer, scheduler)
     except CheckpointError as raised:
@@ -364,118 +253,14 @@ def _load_with_optimizer_state(directory):
 
 
 def _load_iteration(directory, hidden_size=64):
-    chunks, optimizer, scheduler = _build_training(hidden_size=hidden_size)
+    chunks, optimizer, scheduler = build_training(hidden_size=hidden_size)
     return load_checkpoint(directory, chunks, optimizer, scheduler).iteration
-
-
-def _start_one_rank_world(store_path):
-    """A world of one rank in a forked process, leading a session of its own (so that a
-    kill of its process group takes dist_checkpointing's helper processes along)."""
-    os.setsid()
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=0, world_size=1)
-    enable_cpu_support()
-    parallel_state.initialize_model_parallel()
-    tensor_parallel.model_parallel_cuda_manual_seed(1)
-
-
-def _kill_this_process_group():
-    os.killpg(0, signal.SIGKILL)
-
-
-def _arm_kill_point(kill_point):
-    """Patch the save path so that this process is SIGKILLed at ``kill_point``."""
-    real_save, real_write = dist_checkpointing.save, checkpoint_module.write_file_synced
-    real_manifest = checkpoint_module.write_manifest
-    real_marker_write = checkpoint_files.write_file_synced
-    real_replace = checkpoint_module.replace_file_atomically
-
-    def save(*args, **kwargs):
-        if kill_point == "before the shards":
-            _kill_this_process_group()
-        real_save(*args, **kwargs)
-        if kill_point == "in a shard":
-            # Emulates a kill in the middle of writing a shard: the file system then holds a
-            # shard cut short, as here, and no later file of the save.
-            shard = os.path.join(args[1], "__0_0.distcp")
-            os.truncate(shard, os.path.getsize(shard) // 2)
-            _kill_this_process_group()
-        if kill_point == "after the shards":
-            _kill_this_process_group()
-
-    def write(path, text):
-        real_write(path, text)
-        if kill_point == "after training_state.json" and path.endswith("training_state.json"):
-            _kill_this_process_group()
-
-    def write_manifest(directory):
-        real_manifest(directory)
-        if kill_point == "after the manifest":
-            _kill_this_process_group()
-
-    def write_marker(path, text):
-        real_marker_write(path, text)
-        if kill_point == "before the marker's rename" and path.endswith(".tmp"):
-            _kill_this_process_group()
-
-    def replace(path, text):
-        real_replace(path, text)
-        if kill_point == "after the marker moved":
-            _kill_this_process_group()
-
-    dist_checkpointing.save = save
-    checkpoint_module.replace_file_atomically = replace
-    checkpoint_module.write_file_synced = write
-    checkpoint_module.write_manifest = write_manifest
-    checkpoint_files.write_file_synced = write_marker
-
-
-def _train_and_save_main(directory, store_path, kill_point, losses_path):
-    """Train steps 1..4 (dropout 0), saving after steps 1 and 2; with ``kill_point`` the
-    save of step 2 is killed there. Writes {step: loss} to ``losses_path`` as it goes."""
-    _start_one_rank_world(store_path)
-    chunks, optimizer, scheduler = _build_training(dropout=0.0)
-    losses = {}
-    for iteration in (1, 2, 3, 4):
-        losses[iteration] = _train_step(chunks, optimizer, scheduler, iteration)
-        with open(losses_path, "w") as file:
-            json.dump(losses, file)
-        if iteration <= 2:
-            if iteration == 2 and kill_point is not None:
-                _arm_kill_point(kill_point)
-            save_checkpoint(directory, TrainingState(iteration, iteration * GLOBAL_BATCH, CONFIG),
-                            chunks, optimizer, scheduler)
-
-
-def _resume_main(directory, store_path, result_path):
-    """Load the checkpoint the marker names, train on to step 4; writes the loaded
-    iteration and {step: loss} to ``result_path``."""
-    _start_one_rank_world(store_path)
-    chunks, optimizer, scheduler = _build_training(dropout=0.0)
-    state = load_checkpoint(directory, chunks, optimizer, scheduler)
-    losses = {iteration: _train_step(chunks, optimizer, scheduler, iteration)
-              for iteration in range(state.iteration + 1, 5)}
-    with open(result_path, "w") as file:
-        json.dump({"loaded": state.iteration, "losses": losses}, file)
-
-
-def _run_forked(target, *args):
-    """Run ``target(*args)`` in a forked process (this one has torch and Megatron imported
-    already; a fresh interpreter would spend seconds importing them); its exit code."""
-    process = multiprocessing.get_context("fork").Process(target=target, args=args)
-    process.start()
-    process.join(timeout=300)
-    if process.is_alive():
-        os.killpg(process.pid, signal.SIGKILL)
-        process.join()
-        raise TimeoutError(f"{target.__name__} did not finish in 300 s")
-    return process.exitcode
 
 
 def _saved_twice(root, keep_last):
     """Save iterations 1, 2 (and 3) of one model under ``root``."""
-    chunks, optimizer, scheduler = _build_training()
-    _train_step(chunks, optimizer, scheduler, 1)
+    chunks, optimizer, scheduler = build_training()
+    train_step(chunks, optimizer, scheduler, 1)
     for iteration in (1, 2, 3):
         if iteration == 3 and keep_last is None:
             break
@@ -484,7 +269,7 @@ def _saved_twice(root, keep_last):
 
 
 def _weights_finite_before_and_after_one_nan_on_rank_1():
-    chunks, _, _ = _build_training()
+    chunks, _, _ = build_training()
     before = weights_are_finite(chunks)
     if dist.get_rank() == 1:
         with torch.no_grad():
@@ -493,7 +278,7 @@ def _weights_finite_before_and_after_one_nan_on_rank_1():
 
 
 def _load_damaged(root, ckpt_step):
-    chunks, optimizer, scheduler = _build_training()
+    chunks, optimizer, scheduler = build_training()
     return load_checkpoint(root, chunks, optimizer, scheduler, ckpt_step=ckpt_step).iteration
 
 
@@ -712,35 +497,6 @@ def test_dp_reshardable_state_refuses_another_layout_naming_the_flag_and_saved_s
         assert "data_parallel_size 2 (this run 1)" in error
         assert "tensor_model_parallel_size 1 (this run 2)" in error
         assert "--no-load-optim" in error
-
-
-@pytest.fixture(scope="module")
-def uninterrupted_losses(tmp_path_factory):
-    """{step: loss} of steps 1..4 of the run that the killed saves interrupt."""
-    tmp_path = tmp_path_factory.mktemp("uninterrupted")
-    assert _run_forked(_train_and_save_main, str(tmp_path / "ckpt"), str(tmp_path / "store"),
-                       None, str(tmp_path / "losses.json")) == 0
-    return json.loads((tmp_path / "losses.json").read_text())
-
-
-@pytest.mark.parametrize("kill_point, resumed_from", [
-    ("before the shards", 1), ("in a shard", 1), ("after the shards", 1),
-    ("after training_state.json", 1), ("after the manifest", 1),
-    ("before the marker's rename", 1), ("after the marker moved", 2)])
-def test_save_killed_at_any_point_resumes_from_a_complete_checkpoint_with_the_same_losses(
-        tmp_path, uninterrupted_losses, kill_point, resumed_from):
-    directory = str(tmp_path / "ckpt")
-    exit_code = _run_forked(_train_and_save_main, directory, str(tmp_path / "store"),
-                            kill_point, str(tmp_path / "losses.json"))
-    assert exit_code == -signal.SIGKILL
-    assert latest_iteration(directory) == resumed_from
-    assert _run_forked(_resume_main, directory, str(tmp_path / "store2"),
-                       str(tmp_path / "resumed.json")) == 0
-    resumed = json.loads((tmp_path / "resumed.json").read_text())
-    assert resumed["loaded"] == resumed_from
-    assert resumed["losses"] == {step: uninterrupted_losses[step]
-                                 for step in resumed["losses"]}
-    assert list(resumed["losses"]) == [str(step) for step in range(resumed_from + 1, 5)]
 
 
 @pytest.fixture(scope="module")

@@ -179,6 +179,8 @@ SECTION_CASES = {
     "save_interval_needs_save": (lambda: CheckpointConfig(save_interval=10),
                                  ["--save-interval", "--save"]),
     "finetune_needs_load": (lambda: CheckpointConfig(finetune=True), ["--finetune", "--load"]),
+    "async_save_needs_save": (lambda: CheckpointConfig(async_save=True),
+                              ["--async-save: must come with --save"]),
     "log_interval_positive": (lambda: LoggingConfig(log_interval=0), ["--log-interval"]),
 }
 

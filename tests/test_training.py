@@ -204,6 +204,28 @@ def test_termination_signal_saves_a_checkpoint_and_the_run_resumes_there(tmp_pat
     assert [step["iteration"] for step in resumed] == [stopped_at + 1, stopped_at + 2]
 
 
+def test_async_save_completes_every_save_before_stopping_and_the_run_resumes_there(
+        tmp_path, six_step_losses):
+    from megatron_irl.core.checkpoint_files import checkpoint_problem
+
+    save = tmp_path / "async_ckpt"
+    result = subprocess.run(
+        train_command(1, [*SHORT_RUN, "--train-iters", "6", "--exit-interval", "3", "--save",
+                          str(save), "--save-interval", "1", "--async-save"]),
+        cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    for iteration in (1, 2, 3):
+        assert f"scheduled the save of iteration {iteration} " in output
+        assert f"saved checkpoint at iteration {iteration} to {save}/iter_000000{iteration}" in output
+        assert checkpoint_problem(str(save / f"iter_000000{iteration}")) is None
+    assert output.index("saved checkpoint at iteration 3") < output.index("stopping at iteration 3")
+    assert (save / "latest_checkpointed_iteration.txt").read_text() == "3\n"
+    resumed = losses(run_train(tmp_path, 1, "--train-iters", "6", "--load", str(save),
+                               name="after_async"))
+    assert_same_losses(resumed, {i: six_step_losses[i] for i in (4, 5, 6)})
+
+
 def test_invalid_configuration_stops_before_any_process_group(tmp_path):
     result = subprocess.run(
         train_command(2, [*SHORT_RUN, "--global-batch-size", "6", "--micro-batch-size", "4"]),

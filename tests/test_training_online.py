@@ -99,10 +99,13 @@ def test_online_trains_under_pp2_and_logs_the_mixture(online_pp2_run):
 @pytest.fixture(scope="module")
 def gail_runs(tmp_path_factory) -> dict[str, list[dict]]:
     """GAIL at PP=2 for 5 steps, saving after step 3 (mid sampling interval: its samples come
-    from step 2), and the same run resumed from that checkpoint."""
+    from step 2), and the same run resumed from that checkpoint. The saves run in the
+    background (--async-save), so the resume also checks that the samples and discriminator
+    saved are those of step 3, although the save completes during step 4."""
     tmp = tmp_path_factory.mktemp("gail")
     run = [*PP2, *GAIL, "--train-iters", "5"]
-    whole = run_train(tmp, 2, *run, "--save-interval", "3", name="whole", save=True)
+    whole = run_train(tmp, 2, *run, "--save-interval", "3", "--async-save", name="whole",
+                      save=True)
     # Point the tracker back at step 3, as a user picks an older checkpoint to resume from.
     (tmp / "whole_ckpt" / "latest_checkpointed_iteration.txt").write_text("3\n")
     return {"whole": whole,

@@ -42,11 +42,12 @@ What one checkpoint holds (a single dist_checkpointing state dict):
 Crash safety: the marker file is replaced atomically (tmp file, fsync, ``os.replace``) by
 rank 0 only after a barrier that every rank reaches once its shards are written (and
 fsynced: dist_checkpointing's writers do that), and loading goes through the marker, so a
-save killed at any point leaves the previous checkpoint in charge. The half-written
-``iter_*`` directory such a save leaves behind is ignored, and removed when a later save
-reaches the same iteration. Loading first checks the chosen iteration's files against its
-manifest; ``keep_last`` deletes older checkpoints only after the marker moved
-(``checkpoint_files.remove_old_checkpoints``).
+save killed at any point leaves the previous checkpoint in charge. With ``--async-save`` the
+shards are written in the background and that end of the save runs in the finalisation
+(``checkpoint_finalize.py``). The half-written ``iter_*`` directory such a save leaves
+behind is ignored, and removed when a later save reaches the same iteration. Loading first
+checks the chosen iteration's files against its manifest; ``keep_last`` deletes older
+checkpoints only after the marker moved (``checkpoint_files.remove_old_checkpoints``).
 
 Unpickling: this module's own files are JSON, and it stores the RNG states as tensors
 rather than as ``ShardedObject`` (which torch_dist unpickles with
@@ -92,23 +93,21 @@ from megatron_irl.core.checkpoint_files import (  # noqa: F401 (this module's in
     CheckpointError,
     checkpoint_problem,
     choose_iteration,
-    fsync_files_in,
-    fsync_path,
     iteration_dir,
     latest_iteration,
     read_saved_state,
     read_training_state,
-    remove_old_checkpoints,
-    replace_file_atomically,
-    write_file_synced,
-    write_manifest,
+)
+from megatron_irl.core.checkpoint_finalize import (
+    CONFIG_FILENAME,
+    BackgroundSaves,
+    complete_checkpoint,
 )
 from megatron_irl.core.extra_state import load_across_specs
 from megatron_irl.core.rng_state import restore_rng, rng_sharded_state_dict
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILENAME = "config.yaml"
 # The distributed optimizer's checkpoint formats (megatron-core's
 # ``distrib_optim_sharding_type``; its default in 0.16 cannot be saved at all):
 # "fully_reshardable" stores one canonical tensor per parameter and state, loadable at any
@@ -144,7 +143,7 @@ class TrainingState:
 def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, optimizer,
                     scheduler, write_extra: Callable[[str], None] | None = None,
                     keep_last: int | None = None, *, optimizer_fully_reshardable: bool = True,
-                    fully_parallel: bool = False) -> str:
+                    fully_parallel: bool = False, background: BackgroundSaves | None = None) -> str:
     """Save model, optimizer, scheduler, RNG and ``state`` as ``<save_dir>/iter_<n>``.
 
     Args:
@@ -155,8 +154,9 @@ def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, opt
             (weights only, e.g. a converted model).
         scheduler: the ``OptimizerParamScheduler`` of ``optimizer``, or None.
         write_extra: called on every rank with the iteration directory once the shards are
-            written and before the marker moves, to add files of its own (the online
-            losses' samples and discriminator); it may run collectives.
+            handed to dist_checkpointing (written, or with ``background`` being written) and
+            before the marker moves, to add files of its own (the online losses' samples and
+            discriminator); it may run collectives.
         keep_last: once the marker names the new checkpoint, delete the checkpoints older
             than the ``keep_last`` newest usable ones (``--keep-last-checkpoints``); None
             keeps all.
@@ -165,6 +165,10 @@ def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, opt
             (``--dist-ckpt-optim-fully-reshardable``).
         fully_parallel: spread the writing of tensors replicated over the data-parallel
             ranks across them (``--ckpt-fully-parallel-save``).
+        background: ``--async-save``: hand the tensors to a background writer scheduled in
+            ``background`` and return; the rest of the save (the training state, manifest,
+            marker and ``keep_last`` deletions) runs when ``background.finalize`` completes
+            it. None: write and complete the checkpoint before returning.
 
     Returns:
         The iteration directory. If the marker already names this iteration (a complete
@@ -173,7 +177,8 @@ def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, opt
     Collective over the world group (broadcasts, a barrier and dist_checkpointing's own;
     with ``fully_parallel`` also gathers of the shards' metadata over the data-parallel
     group). Writes only under ``save_dir``; mutates nothing else. Rank 0 writes the JSON/YAML
-    files and then the marker, after every rank's shards are on disk.
+    files and then the marker, after every rank's shards are on disk (with ``background``:
+    in the finalisation, whose collectives are ``background.finalize``'s).
     """
     directory = iteration_dir(save_dir, state.iteration)
     has_optimizer_state = optimizer is not None and _has_optimizer_state(optimizer)
@@ -208,24 +213,23 @@ def save_checkpoint(save_dir: str, state: TrainingState, model_chunks: list, opt
         strategy = FullyParallelSaveStrategyWrapper(
             get_default_save_sharded_strategy(),
             parallel_state.get_data_parallel_group(with_context_parallel=True))
-    dist_checkpointing.save(sharded_state, directory, sharded_strategy=strategy)
-    if write_extra is not None:
+    request = dist_checkpointing.save(sharded_state, directory, sharded_strategy=strategy,
+                                      async_sharded_save=background is not None)
+    if write_extra is not None:  # not in a finalisation: training changes what it writes
         write_extra(directory)
-    dist.barrier()  # every rank's shards are written: only now may the marker move
+    iteration = state.iteration  # now: the trainer counts on before a background save completes
 
-    def finish() -> int:
-        write_file_synced(os.path.join(directory, STATE_FILENAME), state_json)
-        write_file_synced(os.path.join(directory, CONFIG_FILENAME), config_yaml)
-        fsync_files_in(directory)  # also rank 0's common.pt and metadata.json
-        write_manifest(directory)
-        fsync_path(directory)
-        replace_file_atomically(os.path.join(save_dir, TRACKER_FILENAME), f"{state.iteration}\n")
-        if keep_last is not None:
-            for removed in remove_old_checkpoints(save_dir, keep_last):
-                log.info("removed %s (--keep-last-checkpoints %d)", removed, keep_last)
-        return 0
+    def finish() -> None:
+        dist.barrier()  # every rank's files are written: only now may the marker move
+        _on_rank0(lambda: complete_checkpoint(save_dir, iteration, state_json, config_yaml,
+                                              keep_last),
+                  "write the training state and the marker of " + directory)
 
-    _on_rank0(finish, "write the training state and the marker of " + directory)
+    if background is None:
+        finish()
+    else:
+        request.add_finalize_fn(finish)  # after dist_checkpointing's own finalisation
+        background.schedule(request, iteration, directory)
     return directory
 
 

@@ -30,6 +30,7 @@ from megatron_irl.core.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from megatron_irl.core.checkpoint_finalize import BackgroundSaves
 from megatron_irl.core.distributed import (
     init_distributed,
     is_logging_rank,
@@ -298,8 +299,13 @@ def _setup_online(cfg: TrainConfig, trainable: Trainable, tokenizer,
 def _train_loop(cfg: TrainConfig, trainable: Trainable, state: TrainingState,
                 train_batches: TrainingBatches, eval_batches, log: TrainingLogger,
                 online: OnlineTraining | None):
-    """Steps until ``--train-iters``, ``--exit-interval`` or a termination signal."""
+    """Steps until ``--train-iters``, ``--exit-interval`` or a termination signal.
+
+    With ``--async-save`` a save's background write is polled after every step, and waited
+    for before the next save and before returning or stopping on non-finite steps.
+    """
     model = trainable.model
+    background = BackgroundSaves() if cfg.checkpoint.async_save else None
     objective_class = OBJECTIVES[cfg.irl.loss]
     tokens_per_step = cfg.training.global_batch_size * cfg.model.seq_length
     last_saved = state.iteration if cfg.checkpoint.load else None
@@ -321,6 +327,7 @@ def _train_loop(cfg: TrainConfig, trainable: Trainable, state: TrainingState,
             model, trainable.optimizer, trainable.scheduler, micro_batches, objective, cfg)
         if online is not None:
             step_scalars.update(online.finish_step())
+        _finalize_saves(background, log, blocking=False)
         state.iteration += 1
         state.consumed_samples += cfg.training.global_batch_size
         nonfinite_steps.record(nonfinite)
@@ -332,7 +339,11 @@ def _train_loop(cfg: TrainConfig, trainable: Trainable, state: TrainingState,
         if nonfinite:
             log.info(f"iteration {state.iteration}: non-finite loss or gradient norm, step "
                      "skipped (no update)")
-            nonfinite_steps.stop_at_the_limit(state.iteration, last_saved)
+            try:
+                nonfinite_steps.stop_at_the_limit(state.iteration, last_saved)
+            except NonFiniteTrainingError:  # the pending save's weights were finite
+                _finalize_saves(background, log, blocking=True)
+                raise
         if eval_batches is not None and state.iteration % cfg.training.eval_interval == 0:
             # Of the step just trained (lambda and all), on the dataset rows only.
             eval_objective = objective_class.for_evaluation(cfg, state.iteration - 1)
@@ -343,13 +354,15 @@ def _train_loop(cfg: TrainConfig, trainable: Trainable, state: TrainingState,
         signalled = _stop_requested()
         exiting = signalled or _is_multiple(state.iteration, cfg.training.exit_interval)
         if exiting or _is_multiple(state.iteration, cfg.checkpoint.save_interval):
-            last_saved = _save(cfg, trainable, state, log, online)
+            last_saved = _save(cfg, trainable, state, log, online, background)
         if exiting:
+            _finalize_saves(background, log, blocking=True)
             reason = "a termination signal" if signalled else "--exit-interval"
             log.info(f"stopping at iteration {state.iteration} on {reason}")
             return state
     if last_saved != state.iteration:
-        _save(cfg, trainable, state, log, online)
+        _save(cfg, trainable, state, log, online, background)
+    _finalize_saves(background, log, blocking=True)
     return state
 
 
@@ -359,10 +372,13 @@ def _floats(metric_sums: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 def _save(cfg: TrainConfig, trainable: Trainable, state: TrainingState, log,
-          online: OnlineTraining | None) -> int | None:
-    """Save a checkpoint when ``--save`` is set; returns the iteration saved (or None)."""
+          online: OnlineTraining | None, background: BackgroundSaves | None) -> int | None:
+    """Save a checkpoint when ``--save`` is set; returns the iteration saved (or None). With
+    ``background`` (``--async-save``) the previous save is completed first and this one is
+    scheduled: it completes in a later ``_finalize_saves``."""
     if not cfg.checkpoint.save:
         return None
+    _finalize_saves(background, log, blocking=True)
     if not weights_are_finite(trainable.chunks):
         raise NonFiniteTrainingError(
             f"the weights at iteration {state.iteration} hold non-finite values: not saving "
@@ -371,6 +387,19 @@ def _save(cfg: TrainConfig, trainable: Trainable, state: TrainingState, log,
                     trainable.scheduler, write_extra=online.save if online else None,
                     keep_last=cfg.checkpoint.keep_last_checkpoints,
                     optimizer_fully_reshardable=cfg.checkpoint.dist_ckpt_optim_fully_reshardable,
-                    fully_parallel=cfg.checkpoint.ckpt_fully_parallel_save)
-    log.info(f"saved checkpoint at iteration {state.iteration} to {cfg.checkpoint.save}")
+                    fully_parallel=cfg.checkpoint.ckpt_fully_parallel_save, background=background)
+    if background is None or not background.pending_iterations:
+        log.info(f"saved checkpoint at iteration {state.iteration} to {cfg.checkpoint.save}")
+    else:
+        log.info(f"scheduled the save of iteration {state.iteration} to {cfg.checkpoint.save}: "
+                 "its tensors are written in the background (--async-save)")
     return state.iteration
+
+
+def _finalize_saves(background: BackgroundSaves | None, log, blocking: bool) -> None:
+    """Complete the background saves whose writes have ended (``blocking``: wait for them)."""
+    if background is None:
+        return
+    for iteration, directory in background.finalize(blocking):
+        log.info(f"saved checkpoint at iteration {iteration} to {directory} (its background "
+                 "write finished)")

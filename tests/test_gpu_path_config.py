@@ -203,6 +203,15 @@ def test_plan_counts_one_data_parallel_shard_for_a_dp_reshardable_save():
     assert dp_shards.save_host * 8 == fully.save_host  # DP = 8
 
 
+def test_plan_counts_the_host_copy_a_background_save_holds():
+    synchronous = _stage0()
+    background = _stage0(checkpoint={"async_save": True, "save": "ckpt"})
+    assert background.save_host == synchronous.save_host + background.weights
+    spread = _stage0(checkpoint={"async_save": True, "save": "ckpt",
+                                 "ckpt_fully_parallel_save": True})
+    assert spread.save_host == synchronous.save_host + -(-background.weights // 8)  # DP = 8
+
+
 def test_plan_prints_the_host_memory_of_a_save_per_node(capsys, monkeypatch):
     from megatron_irl.commands import plan
 

@@ -193,7 +193,10 @@ def _save_lines(cfg: TrainConfig, stages: list[StageMemory], gpus_per_node: int 
         return ["checkpoint  saving copies tensors to the host one at a time as it writes them"]
     node = (f", {_gib(per_gpu * gpus_per_node)} GiB per node of {gpus_per_node} GPUs"
             if gpus_per_node else "")
-    if cfg.checkpoint.dist_ckpt_optim_fully_reshardable:
+    if cfg.checkpoint.async_save:
+        what = ("keeps a host copy of every tensor each rank writes until the background write "
+                "ends (--async-save)")
+    elif cfg.checkpoint.dist_ckpt_optim_fully_reshardable:
         what = ("gathers each rank's fp32 main weights and Adam moments in host memory (the "
                 "distributed optimizer's fully_reshardable format; "
                 "--dist-ckpt-optim-fully-reshardable false writes 1/DP of it, loadable only in "

@@ -37,7 +37,10 @@ gathers the fp32 main weights and Adam moments of the rank's model-parallel shar
 unsharded optimizer state, in host memory on every rank at once; the ``dp_reshardable``
 format (``--dist-ckpt-optim-fully-reshardable false``) stages only the rank's own shard of
 them (1/DP). Without the distributed optimizer the tensors are copied to the host one at a
-time as they are written (counted as 0).
+time as they are written (counted as 0). With ``--async-save`` the background writer holds a
+host copy of every tensor the rank writes until the write ends: on top of the above, the
+weights and (without the distributed optimizer) the optimizer state, which data-parallel rank
+0 writes for its replicas (``--ckpt-fully-parallel-save``: 1/DP of them on each rank).
 
 Not counted: the CUDA context, NCCL and cuBLAS workspaces, allocator fragmentation and
 transient buffers of backward other than those above; ``plan`` keeps a margin for them.
@@ -302,14 +305,20 @@ class StageMemory:
                 + self.activations + self.logits_and_loss + self.kl_reference)
 
 
-def _save_host_bytes(cfg: TrainConfig, optimizer: int, data_parallel: int) -> int:
-    """Host memory a checkpoint save takes on one rank, given the stage's unsharded
-    optimizer state (``save_host`` in the module docstring)."""
-    if not cfg.parallel.use_distributed_optimizer:
-        return 0
-    if cfg.checkpoint.dist_ckpt_optim_fully_reshardable:
-        return optimizer
-    return -(-optimizer // data_parallel)
+def _save_host_bytes(cfg: TrainConfig, weights: int, optimizer: int, data_parallel: int) -> int:
+    """Host memory a checkpoint save takes on the busiest rank of a stage, given its weights
+    and unsharded optimizer state (``save_host`` in the module docstring)."""
+    distributed = cfg.parallel.use_distributed_optimizer
+    staged = 0
+    if distributed:
+        staged = (optimizer if cfg.checkpoint.dist_ckpt_optim_fully_reshardable
+                  else -(-optimizer // data_parallel))
+    if not cfg.checkpoint.async_save:
+        return staged
+    replicated = weights + (0 if distributed else optimizer)
+    if cfg.checkpoint.ckpt_fully_parallel_save:
+        replicated = -(-replicated // data_parallel)
+    return staged + replicated
 
 
 def has_kl_reference(cfg: TrainConfig) -> bool:
@@ -353,7 +362,7 @@ def estimate_memory(cfg: TrainConfig, padded_vocab: int, data_parallel: int) -> 
             optimizer_sharded=-(-optimizer // data_parallel), optimizer_replicated=optimizer,
             fp8_weight_cache=fp8_cache, activations=activations, logits_and_loss=logits,
             in_flight=in_flight,
-            save_host=_save_host_bytes(cfg, optimizer, data_parallel),
+            save_host=_save_host_bytes(cfg, weights, optimizer, data_parallel),
             # The reference is built like the trained model: the same weights' bytes.
             kl_reference=weights if has_kl_reference(cfg) else 0))
     return stages

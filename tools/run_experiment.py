@@ -47,6 +47,7 @@ sys.path.insert(0, REPO)
 from megatron_irl.core.checkpoint_files import saved_iterations  # noqa: E402
 from megatron_irl.evaluation.plots import (  # noqa: E402
     TradeoffPoint, plot_curves, plot_score_vs_self_bleu)
+from megatron_irl.evaluation.report import tradeoff_points  # noqa: E402
 from megatron_irl.evaluation.study_tables import (  # noqa: E402
     matched_diversity_table, rewards_table, test_split_table, validation_table)
 
@@ -193,13 +194,12 @@ def _tradeoff_points(results: dict) -> list[TradeoffPoint]:
     """Mean (over seeds) score and Self-BLEU of each method's sampled settings."""
     points = []
     for method, runs in results.items():
-        for index, setting in enumerate(runs[0]["report"]["settings"]):
-            per_seed = [run["report"]["settings"][index]["metrics"] for run in runs]
-            if setting.get("temperature") and per_seed[0]["self_bleu"] is not None:
-                points.append(TradeoffPoint(
-                    method, sum(m["exact_match"] for m in per_seed) / len(runs),
-                    sum(m["self_bleu"] for m in per_seed) / len(runs),
-                    temperature=setting["temperature"]))
+        per_seed = [tradeoff_points(run["report"], method) for run in runs]
+        for setting in zip(*per_seed):  # one sampled setting, every seed
+            points.append(TradeoffPoint(
+                method, sum(p.score for p in setting) / len(runs),
+                sum(p.self_bleu for p in setting) / len(runs),
+                temperature=setting[0].temperature))
     return points
 
 

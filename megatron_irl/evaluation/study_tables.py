@@ -12,6 +12,7 @@ Cells are mean ± standard error over seeds (docs/results.md).
 from __future__ import annotations
 
 from megatron_irl.evaluation.metrics import mean_and_stderr, score_gap_at_matched_diversity
+from megatron_irl.evaluation.report import tradeoff_points
 
 _TEST_METRICS = ("exact_match", "self_bleu", "distinct_correct", "entropy")
 
@@ -66,10 +67,8 @@ def test_split_table(results: dict) -> str:
 
 
 def _sampling_curve(run: dict) -> list[tuple[float, float]]:
-    """(Self-BLEU, accuracy) of a run's sampled settings (temperature > 0)."""
-    return [(s["metrics"]["self_bleu"], s["metrics"]["exact_match"])
-            for s in run["report"]["settings"]
-            if s.get("temperature") and s["metrics"]["self_bleu"] is not None]
+    """(Self-BLEU, task score) of a run's sampled settings."""
+    return [(point.self_bleu, point.score) for point in tradeoff_points(run["report"], "")]
 
 
 def matched_diversity_table(results: dict) -> str:

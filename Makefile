@@ -18,7 +18,7 @@ $(VENV)/.installed: setup.py
 # The reduced arithmetic experiment (docs/results.md): pre-train, fine-tune with MLE and with
 # IQ-Learn, evaluate, print the table, plot, export to Hugging Face format (runs/arithmetic_reduced).
 demo: $(VENV)/.installed
-	OMP_NUM_THREADS=2 $(PY) tools/run_experiment.py --config examples/arithmetic/experiment.yaml --reduced
+	OMP_NUM_THREADS=2 $(PY) tools/run_experiment.py --config examples/arithmetic/overfit-5pct.yaml --reduced
 
 train-tiny: $(VENV)/.installed
 	$(VENV)/bin/megatron-irl train --config examples/tiny.yaml

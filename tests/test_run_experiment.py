@@ -1,8 +1,10 @@
-"""``tools/run_experiment.py`` end to end at a toy size: the pipeline of the README's demo."""
+"""``tools/run_experiment.py`` end to end at a toy size: the pipeline of the README's demo
+(examples/arithmetic/overfit-5pct.yaml --reduced)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,23 +24,28 @@ def _run_experiment(config: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=900)
 
 
+def _write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """The bundled arithmetic experiment, reduced to 3 training steps per stage (checkpoints
-    at 2 and 3, the better one on 3 validation prompts evaluated) and 3 test prompts."""
+    """The demo's experiment, reduced to 3 training steps per stage (checkpoints at 2 and 3,
+    the better one on 3 validation prompts evaluated) and 3 test prompts."""
     tmp = tmp_path_factory.mktemp("experiment")
-    config = yaml.safe_load((REPO / "examples" / "arithmetic" / "experiment.yaml").read_text())
+    config = yaml.safe_load(
+        (REPO / "examples" / "arithmetic" / "overfit-5pct.yaml").read_text())
     config["output_dir"] = str(tmp / "out")
     config["pretrain_dir"] = str(tmp / "pretrain")
-    config["finetune_flags"] = ["--save-interval", 2]
+    config["finetune_flags"] += ["--save-interval", 2]  # the last of a repeated flag wins
     config["selection"] = {"data": "examples/arithmetic/valid.jsonl", "limit": 3,
                            "max_new_tokens": 8}
     config["reduced"].update(
-        pretrain_flags=SHORT_RUN, finetune_flags=SHORT_RUN,
+        pretrain_flags=SHORT_RUN, finetune_flags=SHORT_RUN, selection={"limit": 3},
         eval={"limit": 3, "samples": 2, "temperatures": [0, 0.7, 1.0], "beam_sizes": [2],
               "max_new_tokens": 8, "reward_gammas": [None, 0.9]})
-    path = tmp / "experiment.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = _write_config(tmp / "experiment.yaml", config)
     result = _run_experiment(path)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     return path, result
@@ -109,3 +116,23 @@ def test_rerunning_an_experiment_repeats_no_finished_step(experiment):
     assert result.returncode == 0, result.stderr[-4000:]
     assert "$ " not in result.stdout  # every command line is printed when it runs
     assert (path.parent / "out_reduced" / "results.md").exists()
+
+
+def test_export_hf_false_skips_the_hugging_face_export(experiment, tmp_path):
+    path, _ = experiment
+    config = yaml.safe_load(path.read_text())
+    config.update(output_dir=str(tmp_path / "copy"), export_hf=False)
+    shutil.copytree(path.parent / "out_reduced", tmp_path / "copy_reduced",
+                    ignore=shutil.ignore_patterns("hf"))
+    result = _run_experiment(_write_config(tmp_path / "experiment.yaml", config))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert not (tmp_path / "copy_reduced" / "hf").exists()
+    assert "convert" not in result.stdout
+
+
+def test_export_hf_must_be_a_boolean(experiment, tmp_path):
+    config = yaml.safe_load(experiment[0].read_text())
+    config["export_hf"] = "no"
+    result = _run_experiment(_write_config(tmp_path / "experiment.yaml", config))
+    assert result.returncode != 0
+    assert "export_hf: expected true or false, got 'no'" in result.stderr

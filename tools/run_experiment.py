@@ -23,7 +23,8 @@ an experiment):
   5. write ``results.md`` (mean +- standard error over seeds: validation curves, test
      metrics, the score gap to the first method at matched diversity, reward correlations),
      ``tradeoff.png`` and ``validation.png`` to the output directory, and export the first
-     method's first seed (its evaluated checkpoint) to Hugging Face format.
+     method's first seed (its evaluated checkpoint) to Hugging Face format (``export_hf:
+     false`` skips it, for models ``convert to-hf`` has no family for).
 ``--reduced`` uses the file's ``reduced`` section (fewer methods, seeds and prompts): the
 README's demo. Every command runs as a subprocess with its log under the output directory;
 ``--jobs N`` runs N (method, seed) runs at once, each with OMP_NUM_THREADS = cores / N.
@@ -93,6 +94,9 @@ def _plan(config: dict, reduced: bool) -> dict:
     plan["methods"] = {name: _arguments(flags) for name, flags in plan["methods"].items()}
     plan["finetune_flags"] = _arguments(config.get("finetune_flags", []))
     plan["selection"] = config.get("selection")
+    plan["export_hf"] = config.get("export_hf", True)
+    if not isinstance(plan["export_hf"], bool):
+        raise SystemExit(f"export_hf: expected true or false, got {plan['export_hf']!r}")
     if reduced:
         section = config.get("reduced", {})
         unknown = set(section.get("methods", [])) - set(plan["methods"])
@@ -231,6 +235,21 @@ def _write_report(args, plan: dict, results: dict, out: str) -> str:
     return text
 
 
+def _export_first_run(plan: dict, results: dict, out: str) -> str:
+    """Export the first method's first seed, at its evaluated checkpoint, to Hugging Face
+    format; returns the directory."""
+    first_method = next(iter(plan["methods"]))
+    hf_dir = os.path.join(out, "hf", first_method.replace(" ", "_"))
+    if not os.path.exists(os.path.join(hf_dir, "config.json")):
+        _run(_megatron_irl("convert to-hf", "--load",
+                           os.path.join(out, first_method.replace(" ", "_"),
+                                        f"seed{plan['seeds'][0]}", "checkpoints"),
+                           "--ckpt-step", str(results[first_method][0]["selected_step"]),
+                           "--output", hf_dir),
+             os.path.join(out, "convert_to_hf.log"))
+    return hf_dir
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -276,17 +295,10 @@ def main(argv=None) -> int:
             results.setdefault(method, []).append(outcome)
 
     text = _write_report(args, plan, results, out)
-    first_method = next(iter(plan["methods"]))
-    first_run = results[first_method][0]
-    hf_dir = os.path.join(out, "hf", first_method.replace(" ", "_"))
-    if not os.path.exists(os.path.join(hf_dir, "config.json")):
-        _run(_megatron_irl("convert to-hf", "--load",
-                           os.path.join(out, first_method.replace(" ", "_"),
-                                        f"seed{plan['seeds'][0]}", "checkpoints"),
-                           "--ckpt-step", str(first_run["selected_step"]), "--output", hf_dir),
-             os.path.join(out, "convert_to_hf.log"))
-    print(f"\n{text}\nwrote {out}/results.md, {out}/tradeoff.png, {out}/validation.png, "
-          f"{hf_dir} ({time.monotonic() - started:.0f} s)")
+    written = [f"{out}/results.md", f"{out}/tradeoff.png", f"{out}/validation.png"]
+    if plan["export_hf"]:
+        written.append(_export_first_run(plan, results, out))
+    print(f"\n{text}\nwrote {', '.join(written)} ({time.monotonic() - started:.0f} s)")
     return 0
 
 

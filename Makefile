@@ -15,10 +15,11 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# The reduced arithmetic experiment (docs/results.md): pre-train, fine-tune with MLE and with
-# IQ-Learn, evaluate, print the table, plot, export to Hugging Face format (runs/arithmetic_reduced).
+# The reduced 5% over-fitting study (docs/results.md): pre-train, fine-tune with MLE and with
+# IQ-Learn, choose checkpoints on validation, evaluate, print the table, plot, export to Hugging
+# Face format (runs/arithmetic_overfit_5pct_reduced).
 demo: $(VENV)/.installed
-	OMP_NUM_THREADS=2 $(PY) tools/run_experiment.py --config examples/arithmetic/overfit-5pct.yaml --reduced
+	OMP_NUM_THREADS=2 $(PY) tools/run_experiment.py --config examples/arithmetic/overfit-5pct.yaml --reduced --jobs 2
 
 train-tiny: $(VENV)/.installed
 	$(VENV)/bin/megatron-irl train --config examples/tiny.yaml

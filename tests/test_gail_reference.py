@@ -26,8 +26,7 @@ def _samples():
     tokens[torch.arange(width)[None] >= lengths[:, None]] = tiny_tokenizer().pad_id
     finished = torch.tensor([True, False, True, False])
     tokens[finished, lengths[finished] - 1] = tiny_tokenizer().eos_id
-    return SampleSet(0, tokens, prompt_lengths, lengths, finished, torch.zeros(4, width),
-                     torch.zeros(4, width))
+    return SampleSet(0, tokens, prompt_lengths, lengths, finished, torch.zeros(4, width))
 
 
 def _reference_log_probs(directory: str):

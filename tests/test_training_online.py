@@ -28,9 +28,9 @@ def test_policy_rows_mark_sampled_labels_and_keep_a_truncated_next_state():
     # Row 0: prompt [1, 5], response [6] + EOS (finished). Row 1: prompt [1], response [7, 8]
     # cut by the budget: its last token stays an input so that its next state is in the row.
     tokens = torch.tensor([[1, 5, 6, eos, pad, pad], [1, 7, 8, pad, pad, pad]])
-    log_probs = torch.tensor([[0, 0, -0.5, -0.25, 0, 0], [0, -1.0, -2.0, 0, 0, 0]])
+    ref_log_probs = torch.tensor([[0, 0, -1.0, -0.5, 0, 0], [0, -2.0, -4.0, 0, 0, 0]])
     rows = policy_rows(SampleSet(0, tokens, torch.tensor([2, 1]), torch.tensor([4, 3]),
-                                 torch.tensor([True, False]), log_probs, 2 * log_probs), pad)
+                                 torch.tensor([True, False]), ref_log_probs), pad)
     assert rows["tokens"].tolist() == [[1, 5, 6, pad, pad, pad], [1, 7, 8, pad, pad, pad]]
     assert rows["labels"].tolist() == [[5, 6, eos, pad, pad, pad], [7, 8, pad, pad, pad, pad]]
     assert rows["policy_mask"].tolist() == [[0, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]]
@@ -38,7 +38,6 @@ def test_policy_rows_mark_sampled_labels_and_keep_a_truncated_next_state():
                                          [False] * 6]
     assert rows["document_ids"].tolist() == [[0, 0, 0, -1, -1, -1], [0, 0, 0, -1, -1, -1]]
     assert rows["position_ids"][1].tolist() == [0, 1, 2, 0, 0, 0]
-    assert rows["sample_log_prob"].tolist() == [[0, -0.5, -0.25, 0, 0, 0], [-1, -2, 0, 0, 0, 0]]
     assert rows["ref_log_prob"].tolist() == [[0, -1, -0.5, 0, 0, 0], [-2, -4, 0, 0, 0, 0]]
     assert rows["next_position"][0].tolist() == [1, 2, 3, 4, 5, 6]
     assert not rows["loss_mask"].any()

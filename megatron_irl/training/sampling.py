@@ -21,14 +21,12 @@ A policy row holds one prompt and its response, laid out like a packed row (all 
     terminal       True where the label is the EOS
     position_ids   0, 1, ... over the sequence; document_ids 0 there, -1 on padding
     next_position  t + 1 (one response: the next state is the next position)
-    sample_log_prob  log pi(label) when it was sampled (temperature 1), at policy positions
     ref_log_prob   log pi_ref(label) of GAIL's frozen reference (``training/reference.py``)
                    at policy positions, scored when drawn; 0 without a reference
 
 A response cut by the token budget keeps its last token as an input position without a label,
 so its next state, whose value the TD and value terms read, is in the row (docs/method.md
-section 1: truncated, not terminal). Dataset rows get ``policy_mask``, ``sample_log_prob`` and
-``ref_log_prob`` of 0.
+section 1: truncated, not terminal). Dataset rows get ``policy_mask`` and ``ref_log_prob`` of 0.
 """
 
 from __future__ import annotations
@@ -48,7 +46,7 @@ from megatron_irl.data import DataError, SFTDataset, Tokenizer
 from megatron_irl.inference.generation import Generator, SamplingParams
 
 SAMPLES_FILENAME = "policy_samples.pt"
-POLICY_FIELDS = ("policy_mask", "sample_log_prob", "ref_log_prob")
+POLICY_FIELDS = ("policy_mask", "ref_log_prob")
 
 
 @dataclass
@@ -60,10 +58,9 @@ class SampleSet:
     prompt_lengths: torch.Tensor  # int64 [R]
     lengths: torch.Tensor  # int64 [R]: tokens in the sequence
     finished: torch.Tensor  # bool [R]: the response ended with EOS (else the budget ran out)
-    log_probs: torch.Tensor  # float32 [R, s]: log pi(tokens[t] | tokens[:t]) at response tokens
     ref_log_probs: torch.Tensor  # float32 [R, s]: the same under GAIL's reference (else 0)
 
-    TENSORS = ("tokens", "prompt_lengths", "lengths", "finished", "log_probs", "ref_log_probs")
+    TENSORS = ("tokens", "prompt_lengths", "lengths", "finished", "ref_log_probs")
 
 
 def policy_rows(samples: SampleSet, pad_id: int) -> dict:
@@ -89,7 +86,6 @@ def policy_rows(samples: SampleSet, pad_id: int) -> dict:
         "document_ids": torch.where(is_input, 0, -1),
         "next_position": (positions + 1).expand(tokens.shape).clone(),
         "policy_mask": policy.float(),
-        "sample_log_prob": at_labels(samples.log_probs),
         "ref_log_prob": at_labels(samples.ref_log_probs),
     }
 
@@ -211,16 +207,14 @@ class PolicySampler:
                 chunk.train()
         rows, width = len(prompts), self.seq_length
         tokens = torch.full((rows, width), self.pad_id, dtype=torch.int64)
-        log_probs = torch.zeros(rows, width)
         lengths = torch.zeros(rows, dtype=torch.int64)
         for row, (prompt, generation) in enumerate(zip(prompts, generations)):
             response = generation.tokens + ([self.generator.eos_id] if generation.finished else [])
             sequence = prompt + response
             tokens[row, :len(sequence)] = torch.tensor(sequence)
-            log_probs[row, len(prompt):len(sequence)] = torch.tensor(generation.token_log_probs)
             lengths[row] = len(sequence)
         samples = SampleSet(iteration, tokens, torch.tensor([len(p) for p in prompts]), lengths,
-                            torch.tensor([g.finished for g in generations]), log_probs,
+                            torch.tensor([g.finished for g in generations]),
                             torch.zeros(rows, width))
         if self.reference is not None:
             at_labels = self.reference.log_probs(policy_rows(samples, self.pad_id),

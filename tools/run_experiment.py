@@ -25,9 +25,10 @@ an experiment):
      ``tradeoff.png`` and ``validation.png`` to the output directory, and export the first
      method's first seed (its evaluated checkpoint) to Hugging Face format (``export_hf:
      false`` skips it, for models ``convert to-hf`` has no family for).
-``--reduced`` uses the file's ``reduced`` section (fewer methods, seeds and prompts): the
-README's demo. Every command runs as a subprocess with its log under the output directory;
-``--jobs N`` runs N (method, seed) runs at once, each with OMP_NUM_THREADS = cores / N.
+``--reduced`` uses the file's ``reduced`` section (fewer methods, seeds or prompts;
+``overfit-5pct.yaml``'s is the README's demo). Every command runs as a subprocess with its
+log under the output directory; ``--jobs N`` runs N (method, seed) runs at once, each with
+OMP_NUM_THREADS = cores / N.
 """
 
 from __future__ import annotations
